@@ -1,0 +1,56 @@
+"""Shared pieces of the benchmarks: the reference baseline and table printing."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from pomona.datasets import DecodedImages, ImageDataset, create_eval_transform, resolve_preprocessing
+from pomona.metrics import macro_f1
+from pomona.model import create_backbone
+
+
+@torch.inference_mode()
+def _features(model, pre, paths, batch_size=32) -> np.ndarray:
+    images = DecodedImages(pre, enabled=False)
+    loader = DataLoader(ImageDataset(paths, None, images, create_eval_transform(pre)), batch_size=batch_size)
+    return np.concatenate([model(x.contiguous(memory_format=torch.channels_last)).numpy() for x, _ in loader])
+
+
+def frozen_features_baseline(train: pd.DataFrame, val: pd.DataFrame, name: str = "tf_efficientnet_lite0") -> dict:
+    """The reference figure of the brief: frozen ImageNet Lite0 features at 224 px + logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    start = time.perf_counter()
+    model = create_backbone(name, "package").eval().to(memory_format=torch.channels_last)
+    pre = resolve_preprocessing(model)
+    x_train, x_val = _features(model, pre, list(train["path"])), _features(model, pre, list(val["path"]))
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000)).fit(x_train, train["label"])
+    pred = clf.predict(x_val)
+    labels = sorted(set(train["label"]))
+    index = {c: i for i, c in enumerate(labels)}
+    return {"macro_f1": macro_f1([index[c] for c in val["label"]], [index[c] for c in pred]),
+            "accuracy": float(np.mean(pred == val["label"].to_numpy())), "seconds": time.perf_counter() - start}
+
+
+def print_table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    lines = [" | ".join(c.ljust(widths[c]) for c in columns), "-|-".join("-" * widths[c] for c in columns)]
+    lines += [" | ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns) for r in rows]
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)

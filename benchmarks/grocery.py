@@ -1,0 +1,74 @@
+"""Benchmark: the default recipe on ../shared/data/grocery-apples (train -> val), against the reference baseline.
+
+    python benchmarks/grocery.py [--out runs/bench-grocery] [--config configs/frozen.json ...]
+
+Prints one table: macro-F1 (95% bootstrap CI) on the validation photos, accuracy, wall time and training
+images/s for the frozen-features + logistic-regression reference and for each pomona recipe, with ratios to the
+reference, all measured in this one run. Target for the default recipe: macro-F1 >= 0.92 in <= 15 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import frozen_features_baseline, print_table  # noqa: E402
+
+from pomona.config import Config, load_overrides, merge  # noqa: E402
+from pomona.data import prepare_data  # noqa: E402
+from pomona.predict import Predictor  # noqa: E402
+from pomona.runtime import reexec_with_malloc_tuning  # noqa: E402
+from pomona.train import train_and_evaluate  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery-apples"
+
+
+def run_recipe(name: str, cfg: Config, out: Path) -> dict:
+    start = time.perf_counter()
+    result = train_and_evaluate(cfg, out / name)
+    seconds = time.perf_counter() - start
+    bundle = prepare_data(cfg.data, cfg.seed)
+    metrics, _ = Predictor(out / name, device=cfg.device).evaluate(bundle.subset("val"))
+    train_ips = [h["train_images_per_s"] for h in result.history if not h["backbone_frozen"]] or \
+                [h["train_images_per_s"] for h in result.history]
+    return {"recipe": name, "macro_f1": metrics["macro_f1"],
+            "ci95": f"{metrics['macro_f1_ci95'][0]:.2f}-{metrics['macro_f1_ci95'][1]:.2f}",
+            "accuracy": metrics["accuracy"], "seconds": seconds, "train_img_s": sum(train_ips) / len(train_ips),
+            "best_epoch": result.best_epoch + 1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/bench-grocery")
+    parser.add_argument("--config", action="append", default=[], help="extra recipes (config files) to compare")
+    parser.add_argument("--data", default=str(DATA))
+    args = parser.parse_args()
+    out = Path(args.out)
+    base = merge(Config(), {"data": {"data_dir": f"{args.data}/train", "val_data": f"{args.data}/val"}})
+    bundle = prepare_data(base.data)
+
+    rows = [{"recipe": "reference: frozen Lite0@224 + logistic regression",
+             **frozen_features_baseline(bundle.subset("train"), bundle.subset("val"))}]
+    rows.append(run_recipe("default", base, out))
+    for path in args.config:
+        rows.append(run_recipe(Path(path).stem, merge(base, load_overrides(path)), out))
+    ref = rows[0]
+    for r in rows:
+        r["f1_vs_ref"] = r["macro_f1"] / ref["macro_f1"]
+        r["time_vs_ref"] = r["seconds"] / ref["seconds"]
+    print(f"\ngrocery-apples: train {len(bundle.subset('train'))} photos, validate on {len(bundle.subset('val'))}")
+    text = print_table(rows, ["recipe", "macro_f1", "ci95", "accuracy", "f1_vs_ref", "seconds", "time_vs_ref",
+                              "train_img_s", "best_epoch"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    reexec_with_malloc_tuning()
+    main()

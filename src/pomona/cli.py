@@ -1,0 +1,241 @@
+"""The `pomona` command. Each subcommand is one plain function; `train`'s flags come from the Config dataclasses
+(their field docstrings are the --help text). This is the only module that knows every other one."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+from .config import SECTIONS, Config, field_docs, load_overrides, merge
+
+# ----------------------------------------------------------------------------------------------- flag helpers
+def _flag(f: dataclasses.Field) -> str:
+    return "--" + f.metadata.get("flag", f.name).replace("_", "-")
+
+
+def _parse_optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, section: str | None) -> None:
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(section or "run", (cls.__doc__ or "").strip())
+    for f in dataclasses.fields(cls):
+        if f.name in SECTIONS:
+            continue
+        hint = hints[f.name]
+        dest = f"{section}.{f.name}" if section else f.name
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
+        if hint is bool:
+            group.add_argument(_flag(f), dest=dest, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+            continue
+        args = typing.get_args(hint)
+        optional = isinstance(hint, types.UnionType) and type(None) in args
+        kind = next(a for a in args if a is not type(None)) if optional else hint
+        group.add_argument(_flag(f), dest=dest, type=_parse_optional(kind) if optional else kind,
+                           default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=help_text)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="JSON file with the settings to change (see configs/)")
+    for name, cls in SECTIONS.items():
+        _add_dataclass_flags(parser, cls, name)
+    _add_dataclass_flags(parser, Config, None)
+
+
+def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
+    """Defaults <- config file <- flags given on the command line (flags not given are absent from `args`)."""
+    cfg = base or Config()
+    if getattr(args, "config", None):
+        cfg = merge(cfg, load_overrides(args.config))
+    overrides: dict = {}
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, name = dest.split(".", 1)
+            if section in SECTIONS:
+                overrides.setdefault(section, {})[name] = value
+        elif dest in {f.name for f in dataclasses.fields(Config)} and dest not in SECTIONS:
+            overrides[dest] = value
+    return merge(cfg, overrides)
+
+
+# ---------------------------------------------------------------------------------------------- subcommands
+def train(args: argparse.Namespace) -> int:
+    """Train a classifier into a run folder (or continue one with --resume)."""
+    from .train import train_and_evaluate
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = Config.load(run_dir / "config.json")
+        result = train_and_evaluate(cfg, run_dir, resume=True)
+    else:
+        if not args.out:
+            raise SystemExit("pomona train: --out RUN_FOLDER is required")
+        cfg = config_from_args(args)
+        result = train_and_evaluate(cfg, args.out)
+    print(f"best validation macro-F1 {result.best_macro_f1:.3f} at epoch {result.best_epoch + 1}; "
+          f"{result.seconds:.0f} s; run folder {result.run_dir}")
+    if result.bad_images:
+        print(f"{len(result.bad_images)} unreadable image(s) skipped, listed in {result.run_dir}/bad_images.json")
+    return 0
+
+
+def _labelled_table(args: argparse.Namespace):
+    from .index import index_csv, index_folder
+
+    if args.csv:
+        if not args.images:
+            raise SystemExit("--csv needs --images")
+        return index_csv(args.csv, args.images, args.id_column, args.label_column)
+    if args.data:
+        return index_folder(args.data)
+    return None
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Score a run on a labelled folder or CSV: metrics.json, confusion_matrix.png, predictions.csv."""
+    from .evaluate import format_report, write_report
+    from .predict import Predictor
+    from .data import load_split
+
+    run = Path(args.run)
+    table = _labelled_table(args)
+    if table is None:  # default: the run's own validation split
+        info = json.loads((run / "run.json").read_text())
+        table = load_split(run / "split.csv", info["classes"]).subset("val")
+    predictor = Predictor(run, device=args.device, tta=args.tta)
+    metrics, frame = predictor.evaluate(table)
+    out = Path(args.out) if args.out else run / "eval"
+    write_report(metrics, out, frame)
+    print(format_report(metrics))
+    if metrics["skipped_images"]:
+        print(f"{len(metrics['skipped_images'])} unreadable image(s) skipped")
+    print(f"wrote {out}/metrics.json, confusion_matrix.png, predictions.csv")
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Predict varieties: a submission CSV for --csv/--images or --data, or the top-k of each photo given."""
+    from .index import IMAGE_EXTENSIONS, read_id_csv, resolve_ids
+    from .predict import Predictor, write_submission
+
+    predictor = Predictor(args.run, device=args.device, tta=args.tta)
+    if args.csv:
+        if not args.images or not args.out:
+            raise SystemExit("pomona predict --csv needs --images and --out")
+        df = read_id_csv(args.csv, args.id_column)
+        preds = predictor.predict(resolve_ids(df, args.images, args.id_column, args.csv))
+        out = write_submission(df[args.id_column], preds.labels, args.out, args.id_column, args.label_column,
+                               args.sample_submission)
+        print(f"wrote {len(df)} predictions to {out}")
+    else:
+        paths = [Path(p) for p in args.files]
+        if args.data:
+            paths += sorted(p for p in Path(args.data).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise SystemExit("pomona predict: give photos, --data FOLDER, or --csv with --images")
+        preds = predictor.predict(paths)
+        if args.out:
+            preds.to_frame(args.top_k).to_csv(args.out, index=False)
+            print(f"wrote {len(paths)} predictions to {args.out}")
+        else:
+            for path, top in zip(preds.paths, preds.top_k(args.top_k)):
+                shown = "  ".join(f"{c} {p:.1%}" for c, p in top) if top else f"unreadable: {preds.bad[path]}"
+                print(f"{path}: {shown}")
+    if preds.bad:
+        print(f"{len(preds.bad)} unreadable image(s) got no prediction:", file=sys.stderr)
+        for p, why in list(preds.bad.items())[:10]:
+            print(f"  {p}: {why}", file=sys.stderr)
+    return 0
+
+
+def data_fetch(args: argparse.Namespace) -> int:
+    """Download a public demo data set into the cache and print its path."""
+    from .fetch import fetch_dataset
+
+    print(fetch_dataset(args.name, cache_dir=args.cache_dir, url=args.url))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- parser
+def _add_layout_flags(p: argparse.ArgumentParser, labelled: bool) -> None:
+    p.add_argument("--data", help="folder of photos" + (" (one sub-folder per class)" if labelled else ""))
+    p.add_argument("--csv", help="CSV of image ids" + (" and labels" if labelled else " (e.g. test.csv)"))
+    p.add_argument("--images", help="folder holding the images named in --csv")
+    p.add_argument("--id-column", default="img_id", help="CSV id column (default: img_id)")
+    p.add_argument("--label-column", default="label", help="CSV label column (default: label)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with the left-right flip (default: as the run was trained)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pomona", description="Apple-variety classifiers on EfficientNet.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help=train.__doc__, description=train.__doc__)
+    p.add_argument("--out", help="run folder to create")
+    p.add_argument("--resume", metavar="RUN", help="continue the interrupted run in RUN from its last epoch")
+    add_config_flags(p)
+    p.set_defaults(func=train)
+
+    p = sub.add_parser("evaluate", help=evaluate.__doc__, description=evaluate.__doc__)
+    p.add_argument("run", help="run folder")
+    _add_layout_flags(p, labelled=True)
+    p.add_argument("--out", help="output folder (default: RUN/eval)")
+    p.set_defaults(func=evaluate)
+
+    p = sub.add_parser("predict", help=predict.__doc__, description=predict.__doc__)
+    p.add_argument("run", help="run folder")
+    p.add_argument("files", nargs="*", help="photos to classify")
+    _add_layout_flags(p, labelled=False)
+    p.add_argument("--out", help="CSV to write (a submission with --csv)")
+    p.add_argument("--sample-submission", help="take the submission header from this CSV")
+    p.add_argument("--top-k", type=int, default=3, help="classes shown per photo (default: 3)")
+    p.set_defaults(func=predict)
+
+    p = sub.add_parser("data", help="demo data sets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    f = data_sub.add_parser("fetch", help=data_fetch.__doc__, description=data_fetch.__doc__)
+    f.add_argument("name", choices=["grocery-apples"])
+    f.add_argument("--cache-dir", help="where to keep it (default: ~/.cache/pomona)")
+    f.add_argument("--url", help="archive URL (default: the public GroceryStoreDataset archive)")
+    f.set_defaults(func=data_fetch)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse `argv` and run the subcommand (no re-exec; what tests call)."""
+    from .index import DataLayoutError
+    from .model import WeightsError
+    from .train import TooManyBadImages
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataLayoutError, WeightsError, TooManyBadImages, FileNotFoundError, KeyError) as e:
+        print(f"pomona {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def main() -> None:
+    """Console entry point: make sure the malloc setting is in force, then run."""
+    from .runtime import reexec_with_malloc_tuning
+
+    reexec_with_malloc_tuning()
+    sys.exit(run())
+
+
+__all__ = ["main", "run", "build_parser", "config_from_args"]

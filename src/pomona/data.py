@@ -1,0 +1,77 @@
+"""From settings to a labelled, split table: the data stage of a run (index -> split)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .config import DataConfig
+from .index import DataLayoutError, index_csv, index_folder
+from .split import split_train_val
+
+
+@dataclass
+class DataBundle:
+    """The split table (`path, label, group, subset`) and the class names, in index order."""
+
+    table: pd.DataFrame
+    classes: list[str]
+
+    def subset(self, name: str) -> pd.DataFrame:
+        return self.table[self.table["subset"] == name].reset_index(drop=True)
+
+    def targets(self, frame: pd.DataFrame) -> list[int]:
+        index = {c: i for i, c in enumerate(self.classes)}
+        return [index[label] for label in frame["label"]]
+
+    def drop(self, paths: list[str]) -> "DataBundle":
+        return DataBundle(self.table[~self.table["path"].isin(set(paths))].reset_index(drop=True), self.classes)
+
+
+def index_data(cfg: DataConfig) -> pd.DataFrame:
+    """The training table of the layout `cfg` names (folder-per-class or CSV + image folder)."""
+    if cfg.csv:
+        if not cfg.images:
+            raise DataLayoutError("--csv needs --images, the folder holding the images it names")
+        return index_csv(cfg.csv, cfg.images, cfg.id_column, cfg.label_column, cfg.group_by)
+    if cfg.data_dir:
+        return index_folder(cfg.data_dir, cfg.group_by)
+    raise DataLayoutError("no training data: give --data FOLDER (one sub-folder per class) or --csv and --images")
+
+
+def prepare_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
+    """Index the training data and split it, or take `cfg.val_data` as the validation set."""
+    table = index_data(cfg)
+    if cfg.val_data:
+        val = index_folder(cfg.val_data, cfg.group_by)
+        overlap = set(Path(p).resolve() for p in table["path"]) & set(Path(p).resolve() for p in val["path"])
+        if overlap:
+            raise DataLayoutError(f"{len(overlap)} validation image(s) are also training images, e.g. "
+                                  f"{sorted(overlap)[0]}")
+        table = pd.concat([table.assign(subset="train"), val.assign(subset="val")], ignore_index=True)
+    else:
+        table = split_train_val(table, cfg.val_fraction, seed, cfg.holdout)
+    if cfg.train_every_nth > 1:
+        table = thin_training_frames(table, cfg.train_every_nth)
+    classes = sorted(table.loc[table["subset"] == "train", "label"].unique())
+    unknown = sorted(set(table.loc[table["subset"] == "val", "label"]) - set(classes))
+    if unknown:
+        raise DataLayoutError(f"validation classes missing from training: {unknown}")
+    if len(classes) < 2:
+        raise DataLayoutError(f"need at least two classes to train, found {classes}")
+    return DataBundle(table.reset_index(drop=True), classes)
+
+
+def thin_training_frames(table: pd.DataFrame, every_nth: int) -> pd.DataFrame:
+    """Keep every `every_nth` training image of each group (sorted by path); validation rows are kept whole."""
+    train = table[table["subset"] == "train"].sort_values("path")
+    keep = train.groupby("group", sort=False).cumcount() % every_nth == 0
+    return pd.concat([train[keep], table[table["subset"] != "train"]]).sort_index()
+
+
+def load_split(path: str | Path, classes: list[str]) -> DataBundle:
+    """A split saved by a run (split.csv), e.g. to resume it."""
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return DataBundle(table, classes)

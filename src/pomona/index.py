@@ -1,0 +1,126 @@
+"""Turning a data layout into one table of `path, label, group`.
+
+Two layouts are read: folder-per-class (`train/Fuji/1.jpg`) and the competition layout (a CSV of
+`img_id,label` plus an image folder). `group` names near-duplicate groups (see `--group-by`); without it
+every image is its own group.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from .images import IMAGE_EXTENSIONS
+
+COLUMNS = ["path", "label", "group"]
+
+
+class DataLayoutError(ValueError):
+    """The data folder or CSV does not have the expected layout; the message names the offending rows."""
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def assign_groups(table: pd.DataFrame, group_by: str | None) -> pd.DataFrame:
+    """Fill the `group` column: `label/<regex match>` of the file name, or the path itself without a regex.
+
+    The regex's first capture group is used when it has one, else the whole match; a name it does not match
+    forms its own group. Groups never span classes.
+    """
+    table = table.copy()
+    if not group_by:
+        table["group"] = table["path"]
+        return table
+    pattern = re.compile(group_by)
+
+    def key(row) -> str:
+        name = Path(row.path).name
+        m = pattern.search(name)
+        if m is None:
+            return f"{row.label}/{name}"
+        token = m.group(1) if pattern.groups else m.group(0)
+        return f"{row.label}/{token or ''}"
+
+    table["group"] = [key(r) for r in table.itertuples()]
+    return table
+
+
+def index_folder(root: str | Path, group_by: str | None = None) -> pd.DataFrame:
+    """Index a folder-per-class layout: every image below `root/<class>/` is labelled `<class>`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataLayoutError(f"data folder not found: {root}")
+    rows = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for f in sorted(class_dir.rglob("*")):
+            if _is_image(f):
+                rows.append((str(f), class_dir.name))
+    if not rows:
+        raise DataLayoutError(
+            f"no images found in {root}: expected one sub-folder per class holding "
+            f"{', '.join(IMAGE_EXTENSIONS)} files")
+    return assign_groups(pd.DataFrame(rows, columns=["path", "label"]).assign(group=""), group_by)[COLUMNS]
+
+
+def _find_files(images: Path) -> dict[str, Path]:
+    """Map both `name.ext` and `name` to the file, for ids given with or without extension."""
+    found: dict[str, Path] = {}
+    for f in sorted(images.rglob("*")):
+        if _is_image(f):
+            rel = f.relative_to(images).as_posix()
+            found.setdefault(rel, f)
+            found.setdefault(rel.rsplit(".", 1)[0], f)
+    return found
+
+
+def _format_rows(rows: pd.DataFrame, limit: int = 10) -> str:
+    lines = [f"  line {i + 2}: {dict(r)}" for i, r in rows.head(limit).iterrows()]
+    more = len(rows) - limit
+    return "\n".join(lines + ([f"  ... and {more} more"] if more > 0 else []))
+
+
+def read_id_csv(csv: str | Path, id_column: str = "img_id") -> pd.DataFrame:
+    """Read a CSV of image ids (a test.csv, or train.csv), checking the id column exists."""
+    csv = Path(csv)
+    if not csv.is_file():
+        raise DataLayoutError(f"CSV not found: {csv}")
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    if id_column not in df.columns:
+        raise DataLayoutError(f"{csv}: no column {id_column!r} (columns: {list(df.columns)}); set --id-column")
+    return df
+
+
+def resolve_ids(df: pd.DataFrame, images: str | Path, id_column: str, csv_name: str = "CSV") -> list[str]:
+    """Image paths for the ids of `df`, in row order; unknown or empty ids raise, naming their lines."""
+    images = Path(images)
+    if not images.is_dir():
+        raise DataLayoutError(f"image folder not found: {images}")
+    files = _find_files(images)
+    ids = df[id_column].str.strip()
+    missing = df[(ids == "") | ~ids.isin(files.keys())]
+    if len(missing):
+        raise DataLayoutError(f"{csv_name}: {len(missing)} row(s) name no image in {images}:\n"
+                              + _format_rows(missing))
+    return [str(files[i]) for i in ids]
+
+
+def index_csv(csv: str | Path, images: str | Path, id_column: str = "img_id", label_column: str = "label",
+              group_by: str | None = None) -> pd.DataFrame:
+    """Index the competition layout: `csv` rows of (id, label), ids naming files in `images`."""
+    df = read_id_csv(csv, id_column)
+    if label_column not in df.columns:
+        raise DataLayoutError(f"{csv}: no column {label_column!r} (columns: {list(df.columns)}); "
+                              "set --label-column")
+    empty = df[df[label_column].str.strip() == ""]
+    if len(empty):
+        raise DataLayoutError(f"{csv}: {len(empty)} row(s) without a label:\n" + _format_rows(empty))
+    dup = df[df[id_column].duplicated(keep=False)]
+    if len(dup):
+        raise DataLayoutError(f"{csv}: {len(dup)} row(s) repeat an image id:\n" + _format_rows(dup))
+    paths = resolve_ids(df, images, id_column, str(csv))
+    table = pd.DataFrame({"path": paths, "label": df[label_column].str.strip(), "group": ""})
+    return assign_groups(table, group_by)[COLUMNS]

@@ -1,0 +1,40 @@
+import json
+
+import pytest
+
+from pomona.cli import build_parser, config_from_args
+from pomona.config import Config, merge
+
+
+def test_flags_override_config_file_overrides_defaults(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"train": {"epochs": 3, "lr": 0.01}, "model": {"dropout": 0.5}}))
+    args = build_parser().parse_args(["train", "--out", "x", "--config", str(tmp_path / "c.json"), "--lr", "0.002",
+                                      "--freeze-backbone", "--img-size", "none", "--group-by", "^(r_)?"])
+    cfg = config_from_args(args)
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.002 and cfg.model.dropout == 0.5
+    assert cfg.model.freeze_backbone is True and cfg.model.img_size is None and cfg.data.group_by == "^(r_)?"
+    assert cfg.train.batch_size == Config().train.batch_size
+
+
+def test_unknown_settings_raise_and_config_round_trips(tmp_path):
+    with pytest.raises(KeyError, match="unknown setting train.epoch"):
+        merge(Config(), {"train": {"epoch": 3}})
+    cfg = merge(Config(), {"seed": 5, "data": {"val_fraction": 0.3}})
+    cfg.save(tmp_path / "c.json")
+    assert Config.load(tmp_path / "c.json") == cfg
+
+
+def test_help_comes_from_field_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "Hidden width of the head" in out and "--freeze-backbone" in out and "--group-by" in out
+
+
+def test_shipped_config_files_are_valid():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "configs").glob("*.json"))
+    assert files
+    for f in files:
+        merge(Config(), json.loads(f.read_text()))
