@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -74,22 +75,50 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
 # ---------------------------------------------------------------------------------------------- subcommands
 def train(args: argparse.Namespace) -> int:
     """Train a classifier into a run folder (or continue one with --resume)."""
+    from .distributed import init_distributed, shutdown_distributed
     from .train import train_and_evaluate
 
     if args.resume:
         run_dir = Path(args.resume)
         cfg = Config.load(run_dir / "config.json")
-        result = train_and_evaluate(cfg, run_dir, resume=True)
     else:
         if not args.out:
             raise SystemExit("pomona train: --out RUN_FOLDER is required")
-        cfg = config_from_args(args)
-        result = train_and_evaluate(cfg, args.out)
+        cfg, run_dir = config_from_args(args), Path(args.out)
+    dist = init_distributed(os.environ, cfg.device)  # several processes when started by torchrun
+    try:
+        result = train_and_evaluate(cfg, run_dir, resume=bool(args.resume), dist=dist)
+    finally:
+        shutdown_distributed(dist)
+    if not dist.is_main:
+        return 0
     print(f"best validation macro-F1 {result.best_macro_f1:.3f} at epoch {result.best_epoch + 1}; "
           f"{result.seconds:.0f} s; run folder {result.run_dir}")
     if result.bad_images:
         print(f"{len(result.bad_images)} unreadable image(s) skipped, listed in {result.run_dir}/bad_images.json")
+    _evaluate_and_report(result.run_dir, None, result.run_dir / "eval", device=cfg.device)
     return 0
+
+
+def _evaluate_and_report(run: Path, table, out: Path, device: str = "auto", tta: bool | None = None) -> dict:
+    """Score the run's best model on `table` (default: its own validation split), write eval files and
+    the run's report.html."""
+    from .data import load_split
+    from .evaluate import format_report, write_report
+    from .predict import Predictor
+    from .report import build_report
+
+    if table is None:
+        info = json.loads((run / "run.json").read_text())
+        table = load_split(run / "split.csv", info["classes"]).subset("val")
+    metrics, frame = Predictor(run, device=device, tta=tta).evaluate(table)
+    write_report(metrics, out, frame)
+    print(format_report(metrics))
+    if metrics["skipped_images"]:
+        print(f"{len(metrics['skipped_images'])} unreadable image(s) skipped")
+    report = build_report(run, out)
+    print(f"wrote {out}/metrics.json, confusion_matrix.png, predictions.csv and {report}")
+    return metrics
 
 
 def _labelled_table(args: argparse.Namespace):
@@ -106,23 +135,17 @@ def _labelled_table(args: argparse.Namespace):
 
 def evaluate(args: argparse.Namespace) -> int:
     """Score a run on a labelled folder or CSV: metrics.json, confusion_matrix.png, predictions.csv."""
-    from .evaluate import format_report, write_report
-    from .predict import Predictor
-    from .data import load_split
-
     run = Path(args.run)
-    table = _labelled_table(args)
-    if table is None:  # default: the run's own validation split
-        info = json.loads((run / "run.json").read_text())
-        table = load_split(run / "split.csv", info["classes"]).subset("val")
-    predictor = Predictor(run, device=args.device, tta=args.tta)
-    metrics, frame = predictor.evaluate(table)
     out = Path(args.out) if args.out else run / "eval"
-    write_report(metrics, out, frame)
-    print(format_report(metrics))
-    if metrics["skipped_images"]:
-        print(f"{len(metrics['skipped_images'])} unreadable image(s) skipped")
-    print(f"wrote {out}/metrics.json, confusion_matrix.png, predictions.csv")
+    _evaluate_and_report(run, _labelled_table(args), out, device=args.device, tta=args.tta)
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """(Re)write RUN/report.html from the run folder and its evaluation."""
+    from .report import build_report
+
+    print(build_report(args.run, args.eval_dir))
     return 0
 
 
@@ -205,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-submission", help="take the submission header from this CSV")
     p.add_argument("--top-k", type=int, default=3, help="classes shown per photo (default: 3)")
     p.set_defaults(func=predict)
+
+    p = sub.add_parser("report", help=report.__doc__, description=report.__doc__)
+    p.add_argument("run", help="run folder")
+    p.add_argument("--eval-dir", help="evaluation folder to show (default: RUN/eval)")
+    p.set_defaults(func=report)
 
     p = sub.add_parser("data", help="demo data sets")
     data_sub = p.add_subparsers(dest="data_command", required=True)

@@ -104,6 +104,8 @@ class TrainConfig:
     """Weight the loss by inverse class frequency."""
     patience: int = 6
     """Stop after this many epochs without a better validation macro-F1 (0 = never)."""
+    augment: bool = True
+    """Random crops, flips and rotations during training (off: training images get the evaluation transform)."""
     hflip: float = 0.5
     """Probability of a left-right flip during training."""
     vflip: float = 0.5

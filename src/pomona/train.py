@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .config import Config, TrainConfig
 from .data import DataBundle, load_split, prepare_data
+from .distributed import SINGLE, DistContext
 from .datasets import (DecodedImages, ImageDataset, Preprocessing, create_eval_transform, create_train_transform,
                        resolve_preprocessing)
 from .metrics import accuracy, macro_f1
@@ -134,17 +135,21 @@ def create_ema(model: nn.Module, ema_epochs: float, steps_per_epoch: int):
 
 def train_one_epoch(model: AppleNet, loader: DataLoader, optimizer, scheduler, loss_fn: nn.Module,
                     device: torch.device, backbone_frozen: bool, channels_last: bool = True,
-                    desc: str = "train", ema=None) -> dict:
-    """One pass over `loader`; a frozen backbone stays in eval mode (its batch-norm statistics are kept)."""
+                    desc: str = "train", ema=None, ddp: nn.Module | None = None) -> dict:
+    """One pass over `loader`; a frozen backbone stays in eval mode (its batch-norm statistics are kept).
+
+    `ddp` is the DistributedDataParallel wrapper of `model` when training runs in several processes.
+    """
+    forward = ddp or model
     model.train()
     if backbone_frozen:
         model.backbone.eval()
     model.set_backbone_trainable(not backbone_frozen)
     total_loss, seen, start = 0.0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0, disable=None)
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0, disable=None if ddp is None else True)
     for x, y in bar:
         x, y = _to_device(x, device, channels_last), y.to(device)
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(forward(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -178,26 +183,45 @@ def predict_probs(model: nn.Module, loader: DataLoader, device: torch.device, tt
 
 
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, tta: bool = False,
-             channels_last: bool = True) -> dict:
-    """Validation loss, macro-F1 and accuracy of `model` on a labelled loader."""
+             channels_last: bool = True, dist: DistContext = SINGLE) -> dict:
+    """Validation loss, macro-F1 and accuracy of `model` on a labelled loader; with several processes each
+    scores its shard and the predictions of all ranks are gathered before the metrics."""
     probs, y = predict_probs(model, loader, device, tta, channels_last, desc="validate")
+    if dist.enabled:
+        parts = [p for p in dist.all_gather((probs, y)) if len(p[1])]
+        probs, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     pred = probs.argmax(1)
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
     return {"val_loss": loss, "val_macro_f1": macro_f1(y, pred), "val_accuracy": accuracy(y, pred)}
 
 
 def create_loaders(bundle: DataBundle, images: DecodedImages, pre: Preprocessing, cfg: Config,
-                   ) -> tuple[DataLoader, DataLoader]:
+                   dist: DistContext = SINGLE) -> tuple[DataLoader, DataLoader]:
+    """Training and validation loaders. With several processes, each rank gets its share of every training
+    batch (same global batch size) and a disjoint shard of the validation images."""
     t = cfg.train
     train_frame, val_frame = bundle.subset("train"), bundle.subset("val")
-    train_set = ImageDataset(train_frame["path"], bundle.targets(train_frame), images,
-                             create_train_transform(pre, t.hflip, t.vflip, t.rotate, t.crop_scale, t.color_jitter))
+    train_transform = (create_train_transform(pre, t.hflip, t.vflip, t.rotate, t.crop_scale, t.color_jitter)
+                       if t.augment else create_eval_transform(pre))
+    train_set = ImageDataset(train_frame["path"], bundle.targets(train_frame), images, train_transform)
     val_set = ImageDataset(val_frame["path"], bundle.targets(val_frame), images, create_eval_transform(pre))
     workers = cfg.data.num_workers
     common = dict(num_workers=workers, persistent_workers=workers > 0)
-    return (DataLoader(train_set, batch_size=t.batch_size, shuffle=True, drop_last=len(train_set) > t.batch_size,
-                       generator=torch.Generator(), **common),
-            DataLoader(val_set, batch_size=t.batch_size * 2, shuffle=False, **common))
+    batch = max(1, t.batch_size // dist.world_size)
+    drop_last = len(train_set) > t.batch_size
+    if dist.enabled:
+        from torch.utils.data import Subset
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(train_set, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=drop_last)
+        train_loader = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=drop_last,
+                                  generator=torch.Generator(), **common)
+        val_set = Subset(val_set, list(range(dist.rank, len(val_set), dist.world_size)))
+    else:
+        train_loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=drop_last,
+                                  generator=torch.Generator(), **common)
+    return train_loader, DataLoader(val_set, batch_size=t.batch_size * 2, shuffle=False, **common)
 
 
 def check_images(bundle: DataBundle, images: DecodedImages, max_bad_fraction: float) -> DataBundle:
@@ -241,13 +265,28 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
     pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
 
 
+def _wrap_ddp(model: AppleNet, device: torch.device) -> nn.Module:
+    """A DistributedDataParallel wrapper over the parameters that are trainable now (re-made when the backbone
+    is unfrozen, so frozen weights never receive a gradient or a weight-decay step)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
+
+
 def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Callback] = (),
-                       bundle: DataBundle | None = None, resume: bool = False) -> TrainResult:
-    """Train `cfg` into `run_dir`, keeping the best epoch by validation macro-F1; resume from last.pt if asked."""
+                       bundle: DataBundle | None = None, resume: bool = False,
+                       dist: DistContext = SINGLE) -> TrainResult:
+    """Train `cfg` into `run_dir`, keeping the best epoch by validation macro-F1; resume from last.pt if asked.
+
+    Under torchrun (`dist` with several ranks) every rank trains on its share of each batch; rank 0 alone
+    writes files and calls `callbacks`.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start_time = time.perf_counter()
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
     seed_everything(cfg.seed)
     state = None
     if resume:
@@ -257,7 +296,8 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
         bundle = load_split(run_dir / "split.csv", state["classes"])
     elif bundle is None:
         bundle = prepare_data(cfg.data, cfg.seed)
-    cfg.save(run_dir / "config.json")
+    if dist.is_main:
+        cfg.save(run_dir / "config.json")
 
     model = create_model(cfg.model.name, len(bundle.classes), cfg.model.out_features, cfg.model.dropout,
                          cfg.model.weights)
@@ -267,11 +307,12 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
         model = model.to(memory_format=torch.channels_last)
     images = DecodedImages(pre, cfg.data.max_pixels, cfg.data.cache_max_mb << 20, cfg.data.cache_images)
     bundle = check_images(bundle, images, cfg.data.max_bad_fraction)
-    if not resume:
-        bundle.table.to_csv(run_dir / "split.csv", index=False)
-    (run_dir / "bad_images.json").write_text(json.dumps(images.bad, indent=2))
+    if dist.is_main:
+        if not resume:
+            bundle.table.to_csv(run_dir / "split.csv", index=False)
+        (run_dir / "bad_images.json").write_text(json.dumps(images.bad, indent=2))
 
-    train_loader, val_loader = create_loaders(bundle, images, pre, cfg)
+    train_loader, val_loader = create_loaders(bundle, images, pre, cfg, dist)
     t = cfg.train
     optimizer = create_optimizer(model, t)
     scheduler = create_scheduler(optimizer, t, len(train_loader))
@@ -290,39 +331,55 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
         first_epoch = t.epochs if state["stopped"] else state["epoch"] + 1
         start_time -= history[-1]["elapsed_seconds"] if history else 0.0
 
+    ddp, ddp_frozen = None, None
+    say = tqdm.write if dist.is_main else (lambda *_: None)
     for epoch in range(first_epoch, t.epochs):
         # Seeding every epoch makes the data order, augmentation and dropout of epoch N the same whether or not
         # the run was interrupted before it.
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.seed * 100_003 + epoch + 7919 * dist.rank)
         train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+        if dist.enabled:
+            train_loader.sampler.set_epoch(epoch)
         frozen = cfg.model.freeze_backbone or epoch < t.frozen_epochs
+        if dist.enabled and frozen != ddp_frozen:
+            model.set_backbone_trainable(not frozen)
+            ddp, ddp_frozen = _wrap_ddp(model, device), frozen
         metrics = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device, frozen,
-                                  cfg.model.channels_last, desc=f"epoch {epoch + 1}/{t.epochs}", ema=ema)
+                                  cfg.model.channels_last, desc=f"epoch {epoch + 1}/{t.epochs}", ema=ema,
+                                  ddp=ddp)
+        if dist.enabled:  # every rank's throughput adds up; the loss is averaged over ranks
+            gathered = dist.all_gather((metrics["train_loss"], metrics["train_images_per_s"]))
+            metrics["train_loss"] = float(np.mean([g[0] for g in gathered]))
+            metrics["train_images_per_s"] = sum(g[1] for g in gathered)
         scored = model if ema is None else ema.module
-        metrics.update(evaluate(scored, val_loader, device, t.tta, cfg.model.channels_last))
+        metrics.update(evaluate(scored, val_loader, device, t.tta, cfg.model.channels_last, dist))
         metrics.update(epoch=epoch, lr=optimizer.param_groups[-1]["lr"], backbone_frozen=frozen,
                        elapsed_seconds=time.perf_counter() - start_time)
         history.append(metrics)
         improved = (metrics["val_macro_f1"], -metrics["val_loss"]) > (best["val_macro_f1"], -best["val_loss"])
         if improved:
             best = {"epoch": epoch, "val_macro_f1": metrics["val_macro_f1"], "val_loss": metrics["val_loss"]}
-            save_checkpoint(run_dir, scored, bundle.classes, pre, cfg,
-                            {"best_epoch": epoch, "best_val_macro_f1": metrics["val_macro_f1"]})
-        tqdm.write(f"epoch {epoch + 1}/{t.epochs}  loss {metrics['train_loss']:.3f}  "
+            if dist.is_main:
+                save_checkpoint(run_dir, scored, bundle.classes, pre, cfg,
+                                {"best_epoch": epoch, "best_val_macro_f1": metrics["val_macro_f1"],
+                                 "world_size": dist.world_size})
+        say(f"epoch {epoch + 1}/{t.epochs}  loss {metrics['train_loss']:.3f}  "
                    f"val loss {metrics['val_loss']:.3f}  val macro-F1 {metrics['val_macro_f1']:.3f}  "
                    f"acc {metrics['val_accuracy']:.3f}  {metrics['train_images_per_s']:.1f} img/s"
                    + ("  *" if improved else ""))
-        _write_history(run_dir, history)
         stop = t.patience > 0 and epoch - best["epoch"] >= t.patience
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                    "epoch": epoch, "history": history, "best": best,
-                    "classes": bundle.classes, "stopped": stop}, run_dir / "last.pt.tmp")
-        os.replace(run_dir / "last.pt.tmp", run_dir / "last.pt")
-        for cb in callbacks:
-            cb.on_epoch_end(epoch, dict(metrics))
+        if dist.is_main:
+            _write_history(run_dir, history)
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                        "epoch": epoch, "history": history, "best": best,
+                        "classes": bundle.classes, "stopped": stop}, run_dir / "last.pt.tmp")
+            os.replace(run_dir / "last.pt.tmp", run_dir / "last.pt")
+            for cb in callbacks:
+                cb.on_epoch_end(epoch, dict(metrics))
         if stop and epoch < t.epochs - 1:
-            tqdm.write(f"early stop: no better validation macro-F1 for {t.patience} epochs")
+            say(f"early stop: no better validation macro-F1 for {t.patience} epochs")
             break
+    dist.barrier()  # rank 0's files are complete before any rank returns
     return TrainResult(run_dir, best["epoch"], best["val_macro_f1"], history, dict(images.bad),
                        time.perf_counter() - start_time)

@@ -1,0 +1,215 @@
+"""`report.html`: one self-contained page per run folder (images embedded), openable offline.
+
+Sections: config, data summary, training curves, confusion matrix, per-class F1, the worst misclassified
+validation photos with their top-3, skipped bad images, and (for a tuning run) Optuna's plots when present.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SECTIONS = ["config", "data", "curves", "confusion", "per-class", "worst", "bad-images"]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f4;color:#1d2a1d}
+header{background:#2f5d34;color:#fff;padding:18px 28px}header h1{margin:0;font-size:1.5em}
+header p{margin:4px 0 0;opacity:.85}main{padding:12px 28px 40px;max-width:1200px}
+section{background:#fff;border-radius:10px;padding:14px 20px;margin:16px 0;box-shadow:0 1px 3px #0002}
+h2{margin:.2em 0 .6em;font-size:1.15em;color:#2f5d34}table{border-collapse:collapse;font-size:.9em}
+td,th{padding:3px 10px;border-bottom:1px solid #e3e6e0;text-align:left}th{background:#eef2ea}
+.kpi{display:inline-block;margin:0 28px 8px 0}.kpi b{display:block;font-size:1.6em;color:#2f5d34}
+.gallery{display:flex;flex-wrap:wrap;gap:12px}.card{width:190px;font-size:.8em}
+.card img{width:190px;height:190px;object-fit:cover;border-radius:6px}.bad{color:#a33}
+details pre{background:#f3f3f3;padding:8px;border-radius:6px;overflow:auto;max-height:400px}
+img.plot{max-width:100%}
+"""
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _file_uri(path: Path) -> str:
+    mime = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _thumbnail(path: str, size: int = 190) -> str | None:
+    from PIL import Image
+
+    from .images import BadImageError, load_image
+
+    try:
+        img = load_image(path)
+    except BadImageError:
+        return None
+    img.thumbnail((size * 2, size * 2), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: pd.DataFrame) -> str:
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
+    x = history["epoch"] + 1
+    a.plot(x, history["train_loss"], "o-", label="train")
+    a.plot(x, history["val_loss"], "o-", label="validation")
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    a.legend()
+    b.plot(x, history["val_macro_f1"], "o-", color="#2f5d34", label="macro-F1")
+    b.plot(x, history["val_accuracy"], "s--", color="#9a6", label="accuracy")
+    b.set_ylim(0, 1.02)
+    b.set_xlabel("epoch")
+    b.legend()
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_per_class_f1(per_class: dict) -> str:
+    plt = _plt()
+    names = list(per_class)
+    f1 = [per_class[c]["f1"] for c in names]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(names) + 1.2))
+    ax.barh(names, f1, color=["#2f5d34" if v >= 0.8 else "#c9a227" if v >= 0.5 else "#a33" for v in f1])
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_xlabel("F1")
+    for i, v in enumerate(f1):
+        ax.text(min(v + 0.01, 0.93), i, f"{v:.2f}", va="center", fontsize=8)
+    return _png(fig)
+
+
+def plot_class_counts(split: pd.DataFrame) -> str:
+    plt = _plt()
+    counts = split.groupby(["label", "subset"]).size().unstack(fill_value=0)
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(counts) + 1.2))
+    left = np.zeros(len(counts))
+    for subset, color in [("train", "#2f5d34"), ("val", "#9ac48f")]:
+        if subset in counts:
+            ax.barh(counts.index, counts[subset], left=left, color=color, label=subset)
+            left += counts[subset].to_numpy()
+    ax.invert_yaxis()
+    ax.set_xlabel("images")
+    ax.legend()
+    return _png(fig)
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def worst_misclassified(predictions: pd.DataFrame, n: int = 12) -> pd.DataFrame:
+    """Wrong predictions, most confident first."""
+    wrong = predictions[(predictions["error"].fillna("") == "") & (predictions["label"] != predictions["true_label"])]
+    return wrong.sort_values("probability", ascending=False).head(n)
+
+
+def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title: str | None = None) -> Path:
+    """Write `run_dir/report.html` from the files of a run (and its evaluation folder, default run_dir/eval)."""
+    run_dir = Path(run_dir)
+    eval_dir = Path(eval_dir) if eval_dir else run_dir / "eval"
+    parts: list[str] = []
+
+    def section(key: str, heading: str, body: str) -> None:
+        parts.append(f'<section id="{key}"><h2>{html.escape(heading)}</h2>{body}</section>')
+
+    metrics = json.loads((eval_dir / "metrics.json").read_text()) if (eval_dir / "metrics.json").is_file() else None
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    if metrics:
+        lo, hi = metrics["macro_f1_ci95"]
+        kpis = (f'<div class="kpi"><b>{metrics["macro_f1"]:.3f}</b>macro-F1 (95% CI {lo:.2f}-{hi:.2f})</div>'
+                f'<div class="kpi"><b>{metrics["accuracy"]:.3f}</b>accuracy</div>'
+                f'<div class="kpi"><b>{metrics["n"]}</b>images evaluated</div>')
+        parts.append(f"<section id=\"summary\"><h2>Summary</h2>{kpis}</section>")
+
+    rows = [[f"{section_name}.{k}", v] for section_name, values in config.items() if isinstance(values, dict)
+            for k, v in values.items()] + [[k, v] for k, v in config.items() if not isinstance(v, dict)]
+    section("config", "Config", f"<details><summary>{len(rows)} settings</summary>"
+            + _table(rows, ["setting", "value"]) + "</details>")
+
+    if (run_dir / "split.csv").is_file():
+        split = pd.read_csv(run_dir / "split.csv", dtype=str, keep_default_na=False)
+        counts = split.groupby(["label", "subset"]).size().unstack(fill_value=0)
+        body = (f"<p>{len(split)} images, {split['label'].nunique()} classes, {split['group'].nunique()} groups; "
+                f"train {int((split['subset'] == 'train').sum())}, validation "
+                f"{int((split['subset'] == 'val').sum())}.</p>"
+                f'<img class="plot" alt="class counts" src="{plot_class_counts(split)}">'
+                + _table([[c, *[int(v) for v in r]] for c, r in counts.iterrows()], ["class", *counts.columns]))
+        section("data", "Data", body)
+
+    if (run_dir / "history.csv").is_file():
+        history = pd.read_csv(run_dir / "history.csv")
+        best = int(history["val_macro_f1"].idxmax())
+        section("curves", "Training curves", f'<img class="plot" alt="training curves" src="{plot_curves(history)}">'
+                f"<p>Best validation macro-F1 {history['val_macro_f1'][best]:.3f} at epoch {best + 1} of "
+                f"{len(history)}; {history['elapsed_seconds'].iloc[-1]:.0f} s in all.</p>")
+
+    if metrics:
+        cm = eval_dir / "confusion_matrix.png"
+        if cm.is_file():
+            section("confusion", "Confusion matrix", f'<img class="plot" alt="confusion matrix" src="{_file_uri(cm)}">')
+        pc = metrics["per_class"]
+        section("per-class", "Per-class F1", f'<img class="plot" alt="per-class F1" src="{plot_per_class_f1(pc)}">'
+                + _table([[c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
+                          for c, m in pc.items()], ["class", "precision", "recall", "F1", "n"]))
+
+    if (eval_dir / "predictions.csv").is_file():
+        preds = pd.read_csv(eval_dir / "predictions.csv", keep_default_na=False)
+        cards = []
+        if "true_label" in preds:
+            for r in worst_misclassified(preds).itertuples():
+                uri = _thumbnail(r.path)
+                top = [(r.label, r.probability)] + [(getattr(r, f"label_{i}"), getattr(r, f"probability_{i}"))
+                                                   for i in (2, 3) if hasattr(r, f"label_{i}")]
+                tops = "<br>".join(f"{html.escape(str(c))} {float(p):.0%}" for c, p in top if c != "")
+                img = f'<img alt="{html.escape(Path(r.path).name)}" src="{uri}">' if uri else ""
+                cards.append(f'<div class="card">{img}'
+                             f"<div><b>true: {html.escape(r.true_label)}</b><br>{tops}<br>"
+                             f"<small>{html.escape(Path(r.path).name)}</small></div></div>")
+        body = f'<div class="gallery">{"".join(cards)}</div>' if cards else "<p>No misclassified images.</p>"
+        section("worst", "Worst misclassified validation images", body)
+
+    bad = json.loads((run_dir / "bad_images.json").read_text()) if (run_dir / "bad_images.json").is_file() else {}
+    section("bad-images", "Skipped unreadable images",
+            _table([[p, why] for p, why in bad.items()], ["file", "reason"]) if bad else "<p>None.</p>")
+
+    optuna_plots = sorted(run_dir.glob("optuna_*.png"))
+    if optuna_plots:
+        section("optuna", "Hyperparameter search", "".join(
+            f'<h3>{html.escape(p.stem.replace("optuna_", "").replace("_", " "))}</h3>'
+            f'<img class="plot" alt="{html.escape(p.stem)}" src="{_file_uri(p)}">' for p in optuna_plots))
+
+    name = title or f"pomona run {run_dir.name}"
+    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(name)}</title>"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{_CSS}</style></head>"
+            f"<body><header><h1>{html.escape(name)}</h1><p>{html.escape(str(run_dir))}</p></header>"
+            f"<main>{''.join(parts)}</main></body></html>")
+    out = run_dir / "report.html"
+    out.write_text(page, encoding="utf-8")
+    return out
