@@ -2,8 +2,8 @@
 
     python benchmarks/grocery.py [--out runs/bench-grocery] [--config configs/frozen.json ...]
 
-Prints one table: macro-F1 (95% bootstrap CI) on the validation photos, accuracy, wall time and training
-images/s for the frozen-features + logistic-regression reference and for each pomona recipe, with ratios to the
+Prints one table: macro-F1 (95% bootstrap CI) on the validation photos of the kept (best) epoch, the last
+epoch's macro-F1 (no selection on the validation set), accuracy, wall time and training images/s for the frozen-features + logistic-regression reference and for each pomona recipe, with ratios to the
 reference, all measured in this one run. Target for the default recipe: macro-F1 >= 0.92 in <= 15 minutes.
 """
 
@@ -36,7 +36,7 @@ def run_recipe(name: str, cfg: Config, out: Path) -> dict:
     metrics, _ = Predictor(out / name, device=cfg.device).evaluate(bundle.subset("val"))
     train_ips = [h["train_images_per_s"] for h in result.history if not h["backbone_frozen"]] or \
                 [h["train_images_per_s"] for h in result.history]
-    return {"recipe": name, "macro_f1": metrics["macro_f1"],
+    return {"recipe": name, "macro_f1": metrics["macro_f1"], "last_epoch_f1": result.history[-1]["val_macro_f1"],
             "ci95": f"{metrics['macro_f1_ci95'][0]:.2f}-{metrics['macro_f1_ci95'][1]:.2f}",
             "accuracy": metrics["accuracy"], "seconds": seconds, "train_img_s": sum(train_ips) / len(train_ips),
             "best_epoch": result.best_epoch + 1}
@@ -62,7 +62,7 @@ def main() -> None:
         r["f1_vs_ref"] = r["macro_f1"] / ref["macro_f1"]
         r["time_vs_ref"] = r["seconds"] / ref["seconds"]
     print(f"\ngrocery-apples: train {len(bundle.subset('train'))} photos, validate on {len(bundle.subset('val'))}")
-    text = print_table(rows, ["recipe", "macro_f1", "ci95", "accuracy", "f1_vs_ref", "seconds", "time_vs_ref",
+    text = print_table(rows, ["recipe", "macro_f1", "ci95", "last_epoch_f1", "accuracy", "f1_vs_ref", "seconds", "time_vs_ref",
                               "train_img_s", "best_epoch"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text + "\n")

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -114,3 +115,21 @@ def test_resume_matches_uninterrupted_run(grocery_small, tmp_path):
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "model.safetensors"))
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_predict_keeps_order_and_reports_unreadable_photos(grocery_small, tmp_path):
+    from pomona.predict import Predictor
+
+    cfg = tiny_config()
+    cfg.data.data_dir, cfg.data.val_fraction = str(grocery_small), 0.34
+    train_and_evaluate(cfg, tmp_path / "run")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    photos = sorted(str(p) for p in grocery_small.rglob("*.jpg"))[:3]
+    paths = [photos[0], str(tmp_path / "broken.jpg"), photos[1], photos[2]]
+    preds = Predictor(tmp_path / "run", device="cpu").predict(paths)
+    assert preds.paths == paths and list(preds.bad) == [str(tmp_path / "broken.jpg")]
+    assert preds.labels[1] == "" and all(preds.labels[i] for i in (0, 2, 3))
+    frame = preds.to_frame()
+    assert frame["error"][1] and (frame["error"][[0, 2, 3]] == "").all()
+    rows = preds.probs[[0, 2, 3]]
+    assert np.allclose(rows.sum(1), 1.0, atol=1e-4)

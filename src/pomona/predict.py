@@ -9,10 +9,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from .datasets import DecodedImages, ImageDataset, Preprocessing, create_eval_transform
+from .datasets import DecodedImages, Preprocessing, create_eval_transform
 from .evaluate import compute_metrics
+from .images import BadImageError
 from .index import DataLayoutError
 from .train import load_run, predict_probs, resolve_device
 
@@ -51,6 +52,22 @@ class Predictions:
         return pd.DataFrame(rows)
 
 
+class _PhotoDataset(Dataset):
+    """(tensor, "") per readable photo, (zeros, reason) for an unreadable one, so a batch never fails."""
+
+    def __init__(self, paths: list[str], images: DecodedImages, transform, size: int):
+        self.paths, self.images, self.transform, self.size = paths, images, transform, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        try:
+            return self.transform(self.images.get(self.paths[i])), ""
+        except BadImageError as e:
+            return torch.zeros(3, self.size, self.size), str(e) or "unreadable"
+
+
 class Predictor:
     """A run's best model loaded once, ready to predict any list of photos."""
 
@@ -68,17 +85,18 @@ class Predictor:
         self.num_workers = num_workers
 
     def predict(self, paths: Sequence[str | Path]) -> Predictions:
+        """Class probabilities for `paths`, each decoded once; unreadable files get a row of NaN."""
         paths = [str(p) for p in paths]
         images = DecodedImages(self.pre, self.max_pixels, enabled=False)
-        bad = set(images.scan(paths, desc="checking images"))
-        good = [p for p in paths if p not in bad]
-        dataset = ImageDataset(good, None, images, create_eval_transform(self.pre))
+        dataset = _PhotoDataset(paths, images, create_eval_transform(self.pre), self.pre.input_size)
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
-        probs, _ = predict_probs(self.model, loader, self.device, self.tta)
+        probs, errors = predict_probs(self.model, loader, self.device, self.tta)
         out = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
-        if len(good):
-            out[[i for i, p in enumerate(paths) if p not in bad]] = probs
-        return Predictions(paths, out, self.classes, dict(images.bad))
+        ok = errors == ""
+        if len(paths):
+            out[ok] = probs[ok]
+        bad = {p: str(e) for p, e in zip(paths, errors) if e}
+        return Predictions(paths, out, self.classes, bad)
 
     def evaluate(self, table: pd.DataFrame, n_boot: int = 2000) -> tuple[dict, pd.DataFrame]:
         """Metrics on a labelled table (path, label); unreadable images are left out and counted."""
