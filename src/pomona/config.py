@@ -68,7 +68,7 @@ class ModelConfig:
     """Hidden width of the head Linear->ReLU->Dropout->Linear; 0 gives a plain linear head."""
     dropout: float = 0.3
     """Dropout in the head."""
-    img_size: int | None = 256
+    img_size: int | None = 320
     """Square input size in pixels (None = the model's pretrained size)."""
     freeze_backbone: bool = False
     """Train only the head, as the original system did (otherwise fine-tune after --frozen-epochs)."""
@@ -80,7 +80,7 @@ class ModelConfig:
 class TrainConfig:
     """How the network is trained."""
 
-    epochs: int = 14
+    epochs: int = 10
     """Number of epochs."""
     batch_size: int = 32
     """Images per optimisation step."""
@@ -116,7 +116,7 @@ class TrainConfig:
     """Smallest area fraction kept by the random resized crop."""
     color_jitter: float = 0.0
     """Brightness/contrast jitter strength; 0 by default because colour tells varieties apart."""
-    ema_epochs: float = 0.0
+    ema_epochs: float = 2.0
     """Evaluate and keep an exponential moving average of the weights over roughly this many recent epochs
     (0 = off); steadies the result on small data."""
     tta: bool = True
