@@ -39,6 +39,22 @@ def frozen_features_baseline(train: pd.DataFrame, val: pd.DataFrame, name: str =
             "accuracy": float(np.mean(pred == val["label"].to_numpy())), "seconds": time.perf_counter() - start}
 
 
+def report_against_reference(rows: list[dict], columns: list[str], out) -> str:
+    """Add F1 and time ratios to the first (reference) row, print the table, save results.md/.json in `out`."""
+    import json
+    from pathlib import Path
+
+    for r in rows:
+        r["f1_vs_ref"] = r["macro_f1"] / rows[0]["macro_f1"]
+        r["time_vs_ref"] = r["seconds"] / rows[0]["seconds"]
+    text = print_table(rows, columns)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    return text
+
+
 def print_table(rows: list[dict], columns: list[str]) -> str:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     lines = [" | ".join(c.ljust(widths[c]) for c in columns), "-|-".join("-" * widths[c] for c in columns)]

@@ -9,14 +9,13 @@ A random per-image split would score ~1.0 here and mean nothing: consecutive fra
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import frozen_features_baseline, print_table  # noqa: E402
+from common import frozen_features_baseline, report_against_reference  # noqa: E402
 
 from pomona.config import Config, load_overrides, merge  # noqa: E402
 from pomona.data import prepare_data  # noqa: E402
@@ -60,15 +59,8 @@ def main() -> None:
                  "accuracy": metrics["accuracy"], "seconds": seconds,
                  "s_per_epoch": sum(h["train_seconds"] for h in epochs) / len(epochs),
                  "train_img_s": sum(h["train_images_per_s"] for h in epochs) / len(epochs)})
-    for r in rows:
-        r["f1_vs_ref"] = r["macro_f1"] / rows[0]["macro_f1"]
-        r["time_vs_ref"] = r["seconds"] / rows[0]["seconds"]
-    text = print_table(rows, ["recipe", "macro_f1", "ci95", "accuracy", "f1_vs_ref", "seconds", "time_vs_ref",
-                              "s_per_epoch", "train_img_s"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
-
+    report_against_reference(rows, ["recipe", "macro_f1", "ci95", "accuracy", "f1_vs_ref", "seconds", "time_vs_ref",
+                                    "s_per_epoch", "train_img_s"], out)
 
 if __name__ == "__main__":
     reexec_with_malloc_tuning()

@@ -10,14 +10,13 @@ reference, all measured in this one run. Target for the default recipe: macro-F1
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import frozen_features_baseline, print_table  # noqa: E402
+from common import frozen_features_baseline, report_against_reference  # noqa: E402
 
 from pomona.config import Config, load_overrides, merge  # noqa: E402
 from pomona.data import prepare_data  # noqa: E402
@@ -57,17 +56,9 @@ def main() -> None:
     rows.append(run_recipe("default", base, out))
     for path in args.config:
         rows.append(run_recipe(Path(path).stem, merge(base, load_overrides(path)), out))
-    ref = rows[0]
-    for r in rows:
-        r["f1_vs_ref"] = r["macro_f1"] / ref["macro_f1"]
-        r["time_vs_ref"] = r["seconds"] / ref["seconds"]
     print(f"\ngrocery-apples: train {len(bundle.subset('train'))} photos, validate on {len(bundle.subset('val'))}")
-    text = print_table(rows, ["recipe", "macro_f1", "ci95", "last_epoch_f1", "accuracy", "f1_vs_ref", "seconds", "time_vs_ref",
-                              "train_img_s", "best_epoch"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
-
+    report_against_reference(rows, ["recipe", "macro_f1", "ci95", "last_epoch_f1", "accuracy", "f1_vs_ref",
+                                    "seconds", "time_vs_ref", "train_img_s", "best_epoch"], out)
 
 if __name__ == "__main__":
     reexec_with_malloc_tuning()

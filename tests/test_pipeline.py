@@ -3,7 +3,6 @@ competition layout, bad images, and resume."""
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
