@@ -181,6 +181,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, tta: bo
              channels_last: bool = True) -> dict:
     """Validation loss, macro-F1 and accuracy of `model` on a labelled loader."""
     probs, y = predict_probs(model, loader, device, tta, channels_last, desc="validate")
+    return score_probs(probs, y)
+
+
+def score_probs(probs: np.ndarray, y: np.ndarray) -> dict:
+    """Validation loss, macro-F1 and accuracy from class probabilities and targets."""
     pred = probs.argmax(1)
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
     return {"val_loss": loss, "val_macro_f1": macro_f1(y, pred), "val_accuracy": accuracy(y, pred)}
@@ -190,8 +195,9 @@ def create_loaders(bundle: DataBundle, images: DecodedImages, pre: Preprocessing
                    ) -> tuple[DataLoader, DataLoader]:
     t = cfg.train
     train_frame, val_frame = bundle.subset("train"), bundle.subset("val")
-    train_set = ImageDataset(train_frame["path"], bundle.targets(train_frame), images,
-                             create_train_transform(pre, t.hflip, t.vflip, t.rotate, t.crop_scale, t.color_jitter))
+    transform = (create_train_transform(pre, t.hflip, t.vflip, t.rotate, t.crop_scale, t.color_jitter)
+                 if t.augment else create_eval_transform(pre))
+    train_set = ImageDataset(train_frame["path"], bundle.targets(train_frame), images, transform)
     val_set = ImageDataset(val_frame["path"], bundle.targets(val_frame), images, create_eval_transform(pre))
     workers = cfg.data.num_workers
     common = dict(num_workers=workers, persistent_workers=workers > 0)
