@@ -175,6 +175,7 @@ def prepare_features(cfg: Config, bundle: DataBundle, cache_dir: str | Path, eng
     """
     cache_dir = Path(cache_dir)
     device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)  # as train_and_evaluate does: with --weights none, every worker gets one backbone
     backbone = create_backbone(cfg.model.name, cfg.model.weights, num_classes=0).eval()
     pre = resolve_preprocessing(backbone, cfg.model.img_size)
     images = DecodedImages(pre, cfg.data.max_pixels, cfg.data.cache_max_mb << 20, cfg.data.cache_images)
