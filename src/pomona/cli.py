@@ -84,7 +84,14 @@ def train(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise SystemExit("pomona train: --out RUN_FOLDER is required")
-        cfg, run_dir = config_from_args(args), Path(args.out)
+        base = None
+        if args.from_study:
+            from .tune import best_config
+
+            base, best = best_config(args.from_study)
+            print(f"retraining trial {best['trial']} of {args.from_study} (macro-F1 {best['val_macro_f1']:.3f}): "
+                  f"{best['params']}")
+        cfg, run_dir = config_from_args(args, base), Path(args.out)
     dist = init_distributed(os.environ, cfg.device)  # several processes when started by torchrun
     try:
         result = train_and_evaluate(cfg, run_dir, resume=bool(args.resume), dist=dist)
@@ -119,6 +126,36 @@ def _evaluate_and_report(run: Path, table, out: Path, device: str = "auto", tta:
     report = build_report(run, out)
     print(f"wrote {out}/metrics.json, confusion_matrix.png, predictions.csv and {report}")
     return metrics
+
+
+# `pomona tune` starts from the original system's recipe: a frozen backbone, 4 epochs per trial.
+TUNE_DEFAULTS = {"model": {"freeze_backbone": True}, "train": {"epochs": 4}}
+
+
+def tune(args: argparse.Namespace) -> int:
+    """Search training settings with Optuna (resumable; many machines share a study through --storage)."""
+    from .config import TuneConfig, load_search_space
+    from .tune import format_space, tune as run_tune
+
+    cfg = config_from_args(args, merge(Config(), TUNE_DEFAULTS))
+    tcfg = TuneConfig(**{k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("tune.")})
+    if args.show_space:
+        print(format_space(load_search_space(tcfg.space), cfg))
+        return 0
+    if not args.out:
+        raise SystemExit("pomona tune: --out RUN_FOLDER is required")
+    study, best = run_tune(cfg, tcfg, args.out)
+    if not best:
+        print(f"no finished trial yet in study {study.study_name!r}")
+        return 0
+    print(f"best trial {best['best_trial']}: validation macro-F1 {best['best_val_macro_f1']:.3f}  {best['params']}")
+    print(f"trials: {best['trials']['complete']} complete, {best['trials']['pruned']} pruned, "
+          f"{best['trials']['fail']} failed (and queued again)")
+    print(f"wrote {args.out}/best.json, trials.csv, plots/; retrain with: "
+          f"pomona train --from-study {args.out} --out RUN")
+    if best.get("tracker"):
+        print(f"tracker runs: {best['tracker']}")
+    return 0
 
 
 def _labelled_table(args: argparse.Namespace):
@@ -211,8 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help=train.__doc__, description=train.__doc__)
     p.add_argument("--out", help="run folder to create")
     p.add_argument("--resume", metavar="RUN", help="continue the interrupted run in RUN from its last epoch")
+    p.add_argument("--from-study", metavar="TUNE_RUN",
+                   help="start from the best trial's settings of a `pomona tune` folder (flags still override)")
     add_config_flags(p)
     p.set_defaults(func=train)
+
+    p = sub.add_parser("tune", help=tune.__doc__, description=tune.__doc__ + " Defaults differ from `train` in "
+                       "two settings: --freeze-backbone and --epochs 4 (the original system's trials).")
+    p.add_argument("--out", help="run folder (holds the SQLite study, features, trials, tracker runs, results)")
+    p.add_argument("--show-space", action="store_true", help="print the search space and exit")
+    add_config_flags(p)
+    from .config import TuneConfig
+
+    _add_dataclass_flags(p, TuneConfig, "tune")
+    p.set_defaults(func=tune)
 
     p = sub.add_parser("evaluate", help=evaluate.__doc__, description=evaluate.__doc__)
     p.add_argument("run", help="run folder")

@@ -190,6 +190,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, tta: bo
     if dist.enabled:
         parts = [p for p in dist.all_gather((probs, y)) if len(p[1])]
         probs, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return score_probs(probs, y)
+
+
+def score_probs(probs: np.ndarray, y: np.ndarray) -> dict:
+    """Validation loss, macro-F1 and accuracy from class probabilities and targets."""
     pred = probs.argmax(1)
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
     return {"val_loss": loss, "val_macro_f1": macro_f1(y, pred), "val_accuracy": accuracy(y, pred)}
