@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -77,6 +78,7 @@ class Predictor:
         self.engine_name = choose_engine(self.run_dir, engine, self.device)
         self.engine = OnnxEngine(self.run_dir / ONNX_FILE, threads) if self.engine_name == "onnx" else None
         self._model = None
+        self._pool = None  # threads decoding photos for the ONNX engine, started on first use
 
     @property
     def model(self) -> torch.nn.Module:
@@ -89,8 +91,10 @@ class Predictor:
     def predict(self, paths: Sequence[str | Path]) -> Predictions:
         paths = [str(p) for p in paths]
         if self.engine is not None:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max(2, self.num_workers), thread_name_prefix="pomona-decode")
             probs, bad = predict_paths(self.engine, paths, self.pre, len(self.classes), self.max_pixels,
-                                       self.batch_size, self.tta, workers=max(2, self.num_workers))
+                                       self.batch_size, self.tta, pool=self._pool)
             return Predictions(paths, probs, self.classes, bad)
         images = DecodedImages(self.pre, self.max_pixels, enabled=False)
         bad = set(images.scan(paths, desc="checking images"))
