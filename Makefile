@@ -9,7 +9,7 @@ PIP := $(PYTHON) -m pip
 install:
 	$(PIP) install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" || \
 		$(PIP) install -q --disable-pip-version-check torch torchvision
-	$(PIP) install -q --disable-pip-version-check -e ".[lite,test]"
+	$(PIP) install -q --disable-pip-version-check -e ".[lite,serve,test]"
 
 demo: install
 	bash scripts/demo.sh

@@ -65,3 +65,78 @@ def copy_tree():
         return dst
 
     return copy
+
+
+SERVE_CLASSES = ["Granny-Smith", "Pink-Lady"]
+
+
+@pytest.fixture(scope="session")
+def apple_run(tmp_path_factory) -> Path:
+    """A small real classifier, trained once per session and exported to ONNX: ImageNet Lite0 (offline package
+    weights), frozen backbone, linear head, 128 px, Granny Smith vs Pink Lady from 8 shop photos each. It
+    recognises held-out photos of these varieties, so serving tests can check the right variety is shown."""
+    if not GROCERY.is_dir():
+        pytest.skip("../shared/data/grocery-apples not present")
+    from pomona.export import export_run
+    from pomona.train import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("apple_run")
+    cfg = tiny_config(epochs=2, lr=1e-2)
+    cfg.model.name, cfg.model.weights, cfg.model.img_size = "tf_efficientnet_lite0", "package", 128
+    cfg.model.freeze_backbone, cfg.model.out_features = True, 0
+    cfg.data.data_dir = str(_link_subset(GROCERY / "train", root / "train", SERVE_CLASSES, 8))
+    cfg.data.val_data = str(_link_subset(GROCERY / "val", root / "val", SERVE_CLASSES, 2))
+    train_and_evaluate(cfg, root / "run")
+    export_run(root / "run", "onnx")
+    return root / "run"
+
+
+def held_out_photo(variety: str, index: int = 0) -> Path:
+    """A grocery photo of `variety` that no test model was trained on (the val folder, from its end)."""
+    return sorted((GROCERY / "val" / variety).iterdir())[-1 - index].resolve()
+
+
+SERVER_LIMITS = {"max_upload_mb": 0.5, "max_pixels": 10_000_000}
+
+
+@pytest.fixture(scope="session")
+def server(apple_run):
+    """`pomona serve` on the exported apple_run, started as a user would, on a free localhost port, with small
+    limits (0.5 MB uploads, 10 MP images) so the limit tests stay light. Yields the base URL."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo / "src"))
+    log = open(apple_run.parent / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "pomona", "serve", str(apple_run), "--port", str(port),
+                             "--max-upload-mb", str(SERVER_LIMITS["max_upload_mb"]),
+                             "--max-pixels", str(SERVER_LIMITS["max_pixels"])],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=repo)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            if requests.get(url + "/health", timeout=2).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError("pomona serve did not start:\n" + (apple_run.parent / "server.log").read_text())
+        time.sleep(0.3)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

@@ -107,7 +107,8 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_and_report(run: Path, table, out: Path, device: str = "auto", tta: bool | None = None) -> dict:
+def _evaluate_and_report(run: Path, table, out: Path, device: str = "auto", tta: bool | None = None,
+                         engine: str = "auto", threads: int | None = None) -> dict:
     """Score the run's best model on `table` (default: its own validation split), write eval files and
     the run's report.html."""
     from .data import load_split
@@ -118,7 +119,7 @@ def _evaluate_and_report(run: Path, table, out: Path, device: str = "auto", tta:
     if table is None:
         info = json.loads((run / "run.json").read_text())
         table = load_split(run / "split.csv", info["classes"]).subset("val")
-    metrics, frame = Predictor(run, device=device, tta=tta).evaluate(table)
+    metrics, frame = Predictor(run, device=device, tta=tta, engine=engine, threads=threads).evaluate(table)
     write_report(metrics, out, frame)
     print(format_report(metrics))
     if metrics["skipped_images"]:
@@ -174,7 +175,8 @@ def evaluate(args: argparse.Namespace) -> int:
     """Score a run on a labelled folder or CSV: metrics.json, confusion_matrix.png, predictions.csv."""
     run = Path(args.run)
     out = Path(args.out) if args.out else run / "eval"
-    _evaluate_and_report(run, _labelled_table(args), out, device=args.device, tta=args.tta)
+    _evaluate_and_report(run, _labelled_table(args), out, device=args.device, tta=args.tta, engine=args.engine,
+                         threads=args.threads)
     return 0
 
 
@@ -191,7 +193,7 @@ def predict(args: argparse.Namespace) -> int:
     from .index import IMAGE_EXTENSIONS, read_id_csv, resolve_ids
     from .predict import Predictor, write_submission
 
-    predictor = Predictor(args.run, device=args.device, tta=args.tta)
+    predictor = Predictor(args.run, device=args.device, tta=args.tta, engine=args.engine, threads=args.threads)
     if args.csv:
         if not args.images or not args.out:
             raise SystemExit("pomona predict --csv needs --images and --out")
@@ -221,6 +223,45 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    """Export a run's model to ONNX or TorchScript, checked against PyTorch (max |logit difference|)."""
+    from .export import export_run
+
+    result = export_run(args.run, args.format, args.out, args.opset, args.tolerance)
+    out = Path(args.out) if args.out else Path(args.run)
+    print(f"wrote {out / result.path}: max |{result.format} - PyTorch| logit difference {result.max_abs_diff:.2e} "
+          f"(tolerance {result.tolerance:.0e}; batches {list(result.batch_sizes)}; top class agrees: "
+          f"{result.argmax_agree}); classes and preprocessing in {out / 'export.json'}")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Serve a run: a web page at /, JSON at POST /predict, Grad-CAM at POST /explain, GET /health."""
+    from .serve import ServeSettings, serve as run_server
+
+    fields = {f.name for f in dataclasses.fields(ServeSettings)}
+    run_server(args.run, ServeSettings(**{k: v for k, v in vars(args).items() if k in fields}))
+    return 0
+
+
+def explain(args: argparse.Namespace) -> int:
+    """Grad-CAM overlay of a photo: where the model looked for the variety it predicts (or --class)."""
+    from .datasets import Preprocessing
+    from .explain import explain_image, save_overlay
+    from .images import load_image
+    from .train import load_run
+
+    model, info = load_run(args.run, "cpu")
+    pre = Preprocessing.from_dict(info["preprocessing"])
+    image = load_image(args.photo)
+    result = explain_image(model, image, pre, info["classes"], args.class_name)
+    out = save_overlay(image, result.cam, pre, args.out or Path(args.photo).stem + "_gradcam.png", args.size)
+    top = sorted(zip(info["classes"], result.probs), key=lambda t: -t[1])[:3]
+    print(f"{args.photo}: " + "  ".join(f"{c} {p:.1%}" for c, p in top))
+    print(f"Grad-CAM for {result.class_name} written to {out}")
+    return 0
+
+
 def data_fetch(args: argparse.Namespace) -> int:
     """Download a public demo data set into the cache and print its path."""
     from .fetch import fetch_dataset
@@ -239,6 +280,9 @@ def _add_layout_flags(p: argparse.ArgumentParser, labelled: bool) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the left-right flip (default: as the run was trained)")
+    p.add_argument("--engine", default="auto", choices=["auto", "onnx", "torch"],
+                   help="auto = ONNX Runtime when the run has an up-to-date model.onnx (pomona export), else PyTorch")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: one per core)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,6 +327,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-dir", help="evaluation folder to show (default: RUN/eval)")
     p.set_defaults(func=report)
 
+    p = sub.add_parser("export", help=export.__doc__, description=export.__doc__)
+    p.add_argument("run", help="run folder")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help="default: onnx")
+    p.add_argument("--out", help="folder for the exported model (default: the run folder)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest accepted |exported - PyTorch| logit difference (default: 1e-3)")
+    p.set_defaults(func=export)
+
+    from .serve import ServeSettings
+
+    p = sub.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
+    p.add_argument("run", help="run folder")
+    _add_dataclass_flags(p, ServeSettings, None)
+    p.set_defaults(func=serve)
+
+    p = sub.add_parser("explain", help=explain.__doc__, description=explain.__doc__)
+    p.add_argument("run", help="run folder")
+    p.add_argument("photo", help="the photo to explain")
+    p.add_argument("--out", help="PNG to write (default: PHOTO_gradcam.png in the current folder)")
+    p.add_argument("--class", dest="class_name", help="explain this class instead of the predicted one")
+    p.add_argument("--size", type=int, default=448, help="side of the overlay image in pixels (default: 448)")
+    p.set_defaults(func=explain)
+
     p = sub.add_parser("data", help="demo data sets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     f = data_sub.add_parser("fetch", help=data_fetch.__doc__, description=data_fetch.__doc__)
@@ -295,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     """Parse `argv` and run the subcommand (no re-exec; what tests call)."""
+    from .engine import EngineError
+    from .explain import ExplainError
+    from .export import ExportError
+    from .images import BadImageError
     from .index import DataLayoutError
     from .model import WeightsError
     from .train import TooManyBadImages
@@ -302,7 +374,8 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataLayoutError, WeightsError, TooManyBadImages, FileNotFoundError, KeyError) as e:
+    except (DataLayoutError, WeightsError, TooManyBadImages, FileNotFoundError, KeyError, EngineError, ExportError,
+            ExplainError, BadImageError) as e:
         print(f"pomona {args.command}: error: {e}", file=sys.stderr)
         return 2
 

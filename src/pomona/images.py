@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -36,15 +37,21 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def load_image(path: str | Path, max_pixels: int = 64_000_000) -> Image.Image:
-    """Open `path` as an upright RGB image or raise BadImageError (empty, truncated, not an image, too large)."""
-    path = Path(path)
+def load_image(path: str | Path | bytes, max_pixels: int = 64_000_000) -> Image.Image:
+    """Open `path` (or the bytes of an upload) as an upright RGB image or raise BadImageError (empty, truncated,
+    not an image, too large). The pixel count is checked from the header, before anything is decoded."""
     try:
-        if path.stat().st_size == 0:
-            raise BadImageError("empty file (0 bytes)")
+        if isinstance(path, bytes):
+            if not path:
+                raise BadImageError("empty file (0 bytes)")
+            source = io.BytesIO(path)
+        else:
+            source = Path(path)
+            if source.stat().st_size == 0:
+                raise BadImageError("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 w, h = img.size
                 if w * h > max_pixels:
                     raise BadImageError(f"too many pixels ({w}x{h} > {max_pixels})")

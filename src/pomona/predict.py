@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -12,10 +14,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import DecodedImages, Preprocessing, create_eval_transform
+from .engine import ONNX_FILE, EngineError, OnnxEngine, find_current_export, onnxruntime_available, predict_paths
 from .evaluate import compute_metrics
 from .images import BadImageError
 from .index import DataLayoutError
 from .train import load_run, predict_probs, resolve_device
+
+ENGINES = ("auto", "onnx", "torch")
 
 
 @dataclass
@@ -69,13 +74,17 @@ class _PhotoDataset(Dataset):
 
 
 class Predictor:
-    """A run's best model loaded once, ready to predict any list of photos."""
+    """A run's best model loaded once, ready to predict any list of photos.
+
+    `engine`: 'onnx' (ONNX Runtime on the run's `model.onnx`), 'torch', or 'auto' = ONNX when the run folder holds
+    an up-to-date ONNX export, onnxruntime is installed and the device is the CPU, else PyTorch.
+    """
 
     def __init__(self, run_dir: str | Path, device: str = "auto", batch_size: int = 32, tta: bool | None = None,
-                 num_workers: int = 0):
+                 num_workers: int = 0, engine: str = "auto", threads: int | None = None):
+        self.run_dir = Path(run_dir)
         self.device = resolve_device(device)
-        self.model, self.info = load_run(run_dir, str(self.device))
-        self.model = self.model.to(memory_format=torch.channels_last)
+        self.info = read_run_info(self.run_dir)
         self.classes: list[str] = self.info["classes"]
         self.pre = Preprocessing.from_dict(self.info["preprocessing"])
         cfg = self.info.get("config", {})
@@ -83,10 +92,28 @@ class Predictor:
         self.max_pixels = cfg.get("data", {}).get("max_pixels", 64_000_000)
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.engine_name = choose_engine(self.run_dir, engine, self.device)
+        self.engine = OnnxEngine(self.run_dir / ONNX_FILE, threads) if self.engine_name == "onnx" else None
+        self._model = None
+        self._pool = None  # threads decoding photos for the ONNX engine, started on first use
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The PyTorch model (loaded on first use: the ONNX engine does not need it)."""
+        if self._model is None:
+            model, _ = load_run(self.run_dir, str(self.device))
+            self._model = model.to(memory_format=torch.channels_last)
+        return self._model
 
     def predict(self, paths: Sequence[str | Path]) -> Predictions:
         """Class probabilities for `paths`, each decoded once; unreadable files get a row of NaN."""
         paths = [str(p) for p in paths]
+        if self.engine is not None:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max(2, self.num_workers), thread_name_prefix="pomona-decode")
+            probs, bad = predict_paths(self.engine, paths, self.pre, len(self.classes), self.max_pixels,
+                                       self.batch_size, self.tta, pool=self._pool)
+            return Predictions(paths, probs, self.classes, bad)
         images = DecodedImages(self.pre, self.max_pixels, enabled=False)
         dataset = _PhotoDataset(paths, images, create_eval_transform(self.pre), self.pre.input_size)
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
@@ -97,6 +124,17 @@ class Predictor:
             out[ok] = probs[ok]
         bad = {p: str(e) for p, e in zip(paths, errors) if e}
         return Predictions(paths, out, self.classes, bad)
+
+    def predict_array(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities for a preprocessed float32 NCHW batch (see `engine.create_image_transform`)."""
+        if self.engine is not None:
+            return self.engine.probs(x, self.tta)
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device).contiguous(memory_format=torch.channels_last)
+            p = self.model(t).float().softmax(-1)
+            if self.tta:
+                p = (p + self.model(torch.flip(t, dims=[3])).float().softmax(-1)) / 2
+            return p.cpu().numpy()
 
     def evaluate(self, table: pd.DataFrame, n_boot: int = 2000) -> tuple[dict, pd.DataFrame]:
         """Metrics on a labelled table (path, label); unreadable images are left out and counted."""
@@ -112,6 +150,34 @@ class Predictor:
         metrics = compute_metrics(y_true, y_pred, self.classes, n_boot=n_boot)
         metrics["skipped_images"] = preds.bad
         return metrics, frame
+
+
+def read_run_info(run_dir: str | Path) -> dict:
+    """run.json of a finished run (classes, preprocessing, model settings, config)."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished pomona run (no run.json)")
+    return json.loads(path.read_text())
+
+
+def choose_engine(run_dir: str | Path, requested: str = "auto", device: torch.device | None = None) -> str:
+    """'onnx' or 'torch' for `requested` ('auto', 'onnx' or 'torch'); raises EngineError when ONNX is asked for
+    but cannot be used."""
+    if requested not in ENGINES:
+        raise EngineError(f"unknown engine {requested!r}: choose from {', '.join(ENGINES)}")
+    if requested == "torch":
+        return "torch"
+    export, why = find_current_export(run_dir, "onnx")
+    usable = export is not None and onnxruntime_available() and (device is None or device.type == "cpu")
+    if requested == "auto":
+        return "onnx" if usable else "torch"
+    if export is None:
+        raise EngineError(f"--engine onnx: {why}")
+    if not onnxruntime_available():
+        raise EngineError("--engine onnx needs `pip install onnxruntime`")
+    if device is not None and device.type != "cpu":
+        raise EngineError("--engine onnx runs on the CPU; use --device cpu or --engine torch")
+    return "onnx"
 
 
 def write_submission(ids: Sequence[str], labels: Sequence[str], out: str | Path, id_column: str = "img_id",

@@ -1,0 +1,307 @@
+"""Benchmark: CPU inference of one trained run, every way pomona can run it, on the same photos, in one run.
+
+    python benchmarks/inference.py --run runs/g1 [--images ../shared/data/grocery-apples] [--n 128]
+
+Rows (left-right flip TTA off everywhere, so every row does the same work per photo):
+  eager PyTorch, default   a fresh process WITHOUT the GLIBC_TUNABLES malloc setting (POMONA_NO_REEXEC=1),
+                           model.eval() + torch.inference_mode() on NCHW tensors: what a plain script does
+  PyTorch, tuned           malloc thresholds raised (pomona.runtime) + channels_last, as `predict --engine torch`
+  ONNX Runtime, bare       a default InferenceSession on the run's model.onnx (the same graph pomona uses)
+  pomona OnnxEngine        pomona's engine on the same preprocessed arrays
+  ONNX Runtime, bare + plain decode loop   files -> probabilities the plain way: decode the photos of a batch
+                           one after the other (pomona's resize/crop/normalise), then one bare session call
+  pomona predict (files)   `Predictor(run).predict(paths)`: JPEG decoding + preprocessing in threads + ONNX
+                           Runtime, from files to probabilities (what `pomona predict` does)
+  serve /predict           `pomona serve` over HTTP from localhost: bounded load of C concurrent clients
+
+Every row runs in its own subprocess (so the malloc setting is per row, and no row warms another's caches).
+Model rows time the model on tensors already preprocessed (the same array for every row); batch 1 = one photo
+per call, batch 32 = 32 per call. img/s = photos / total time; p50/p95 = latency of one call, in ms.
+Targets: `predict` >= 4x eager default throughput, and >= 90% of bare ONNX Runtime on the same graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+SRC = Path(__file__).resolve().parents[1] / "src"
+sys.path.insert(0, str(SRC))
+
+from common import print_table  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery-apples"
+BATCH = 32
+
+
+# ------------------------------------------------------------------------------------------- worker side
+def _time_calls(fn, batches: list, warmup: int = 2) -> list[float]:
+    for b in batches[:warmup]:
+        fn(b)
+    times = []
+    for b in batches:
+        start = time.perf_counter()
+        fn(b)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _summary(times: list[float], per_call: int) -> dict:
+    t = np.asarray(times)
+    return {"img_s": per_call * len(t) / t.sum(), "p50_ms": 1000 * float(np.percentile(t, 50)),
+            "p95_ms": 1000 * float(np.percentile(t, 95)), "calls": len(t)}
+
+
+def measure_model(fn, x: np.ndarray, single: int) -> dict:
+    """batch 1 over the first `single` photos, batch 32 over all (twice)."""
+    ones = [x[i:i + 1] for i in range(single)]
+    batches = [x[i:i + BATCH] for i in range(0, len(x) - BATCH + 1, BATCH)] * 2
+    return {"b1": _summary(_time_calls(fn, ones), 1), "b32": _summary(_time_calls(fn, batches), BATCH)}
+
+
+def worker(kind: str, run_dir: Path, array: Path, paths_file: Path, single: int) -> dict:
+    x = np.load(array)
+    if kind in ("torch-default", "torch-tuned"):
+        import torch
+
+        from pomona.train import load_run
+
+        model, _ = load_run(run_dir, "cpu")
+        channels_last = kind == "torch-tuned"
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+
+        def fn(batch):
+            with torch.inference_mode():
+                t = torch.from_numpy(batch)
+                if channels_last:
+                    t = t.contiguous(memory_format=torch.channels_last)
+                return model(t).softmax(-1).numpy()
+
+        result = measure_model(fn, x, single)
+        result["threads"] = torch.get_num_threads()
+    elif kind == "ort-bare":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(run_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        result = measure_model(lambda b: session.run(None, {name: b})[0], x, single)
+    elif kind == "ort-bare-files":
+        import onnxruntime as ort
+        import torch
+
+        from pomona.datasets import Preprocessing, create_eval_transform, create_resize
+        from pomona.images import load_image
+
+        session = ort.InferenceSession(str(run_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        pre = Preprocessing.from_dict(json.loads((run_dir / "run.json").read_text())["preprocessing"])
+        resize, to_input = create_resize(pre), create_eval_transform(pre)
+
+        def fn(chunk):  # decode one after the other, then run: the plain script
+            x = torch.stack([to_input(resize(load_image(p))) for p in chunk]).numpy()
+            return session.run(None, {name: x})[0]
+
+        paths = paths_file.read_text().split("\n")
+        chunks = [paths[i:i + BATCH] for i in range(0, len(paths) - BATCH + 1, BATCH)]
+        result = {"b1": _summary(_time_calls(fn, [[p] for p in paths[:single]]), 1),
+                  "b32": _summary(_time_calls(fn, chunks * 2), BATCH)}
+    elif kind == "pomona-engine":
+        from pomona.engine import OnnxEngine
+
+        engine = OnnxEngine(run_dir / "model.onnx")
+        result = measure_model(lambda b: engine.probs(b), x, single)
+    elif kind in ("pomona-predict", "torch-predict"):
+        from pomona.predict import Predictor
+
+        paths = paths_file.read_text().split("\n")
+        engine = "onnx" if kind == "pomona-predict" else "torch"
+        many = Predictor(run_dir, device="cpu", tta=False, engine=engine, batch_size=BATCH)
+        one = Predictor(run_dir, device="cpu", tta=False, engine=engine, batch_size=1)
+        chunks = [paths[i:i + BATCH] for i in range(0, len(paths) - BATCH + 1, BATCH)]
+        b32 = _time_calls(many.predict, chunks * 2)
+        b1 = _time_calls(one.predict, [[p] for p in paths[:single]])
+        result = {"b1": _summary(b1, 1), "b32": _summary(b32, BATCH)}
+    else:
+        raise ValueError(kind)
+    result["env_malloc_tuned"] = "GLIBC_TUNABLES" in os.environ
+    return result
+
+
+# ------------------------------------------------------------------------------------------- driver side
+def run_worker(kind: str, run_dir: Path, array: Path, paths_file: Path, single: int, tuned: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env["POMONA_NO_REEXEC"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    if tuned:
+        from pomona.runtime import MALLOC_TUNABLES
+
+        env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    cmd = [sys.executable, __file__, "--worker", kind, "--run", str(run_dir), "--array", str(array),
+           "--paths-file", str(paths_file), "--single", str(single)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {kind} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def load_serve(run_dir: Path, photos: list[Path], clients: int, requests_total: int) -> dict:
+    """Start `pomona serve`, send `requests_total` photos from `clients` threads, measure; then stop it."""
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "pomona", "serve", str(run_dir), "--port", str(port), "--no-tta",
+                             "--no-explain"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if requests.get(url + "/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.3)
+        data = [p.read_bytes() for p in photos]
+        for d in data[:4]:
+            requests.post(url + "/predict", files={"file": ("a.jpg", d, "image/jpeg")}, timeout=60)
+        results: list[tuple[float, int]] = []
+        lock = threading.Lock()
+        counter = iter(range(requests_total))
+
+        def client() -> None:
+            session = requests.Session()
+            for i in counter:
+                start = time.perf_counter()
+                try:
+                    status = session.post(url + "/predict", files={"file": ("a.jpg", data[i % len(data)], "image/jpeg")},
+                                          timeout=60).status_code
+                except requests.RequestException:
+                    status = -1
+                with lock:
+                    results.append((time.perf_counter() - start, status))
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    times = np.asarray([t for t, _ in results])
+    errors = sum(1 for _, s in results if s != 200)
+    return {"req_s": len(results) / wall, "p50_ms": 1000 * float(np.percentile(times, 50)),
+            "p95_ms": 1000 * float(np.percentile(times, 95)), "errors": errors, "requests": len(results)}
+
+
+def select_photos(root: Path, n: int) -> list[Path]:
+    """`n` photos spread over every variety and both folders, in a fixed order."""
+    from pomona.images import IMAGE_EXTENSIONS
+
+    every = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    step = max(1, len(every) // n)
+    return every[::step][:n]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a trained run folder (exported to ONNX first if needed)")
+    parser.add_argument("--images", default=str(DATA), help="folder of photos (searched recursively)")
+    parser.add_argument("--n", type=int, default=128, help="photos for the batch-32 rows (multiple of 32)")
+    parser.add_argument("--single", type=int, default=40, help="photos for the batch-1 rows")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients for the serve row")
+    parser.add_argument("--requests", type=int, default=200, help="requests for the serve row")
+    parser.add_argument("--out", help="also write the table (markdown) and raw numbers (JSON) here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--array", help=argparse.SUPPRESS)
+    parser.add_argument("--paths-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    run_dir = Path(args.run)
+    if args.worker:
+        print(json.dumps(worker(args.worker, run_dir, Path(args.array), Path(args.paths_file), args.single)))
+        return
+
+    from pomona.datasets import Preprocessing
+    from pomona.engine import create_image_transform, find_current_export
+    from pomona.images import load_image
+
+    if find_current_export(run_dir)[0] is None:
+        from pomona.export import export_run
+
+        print("exporting", run_dir, "to ONNX ...", flush=True)
+        export_run(run_dir, "onnx")
+    info = json.loads((run_dir / "run.json").read_text())
+    pre = Preprocessing.from_dict(info["preprocessing"])
+    photos = select_photos(Path(args.images), args.n)
+    transform = create_image_transform(pre)
+    x = np.stack([transform(load_image(p)) for p in photos]).astype(np.float32)
+    tmp = Path(tempfile.mkdtemp(prefix="pomona-bench-"))
+    np.save(tmp / "x.npy", x)
+    (tmp / "paths.txt").write_text("\n".join(str(p) for p in photos))
+
+    plan = [("eager PyTorch, default", "torch-default", False, "tensors"),
+            ("PyTorch, tuned (malloc + channels_last)", "torch-tuned", True, "tensors"),
+            ("ONNX Runtime, bare session", "ort-bare", True, "tensors"),
+            ("pomona OnnxEngine", "pomona-engine", True, "tensors"),
+            ("ONNX Runtime, bare session + plain decode loop", "ort-bare-files", True, "files"),
+            ("PyTorch predict, tuned (--engine torch)", "torch-predict", True, "files"),
+            ("pomona predict (ONNX engine)", "pomona-predict", True, "files")]
+    rows, raw = [], {}
+    for label, kind, tuned, source in plan:
+        print(f"measuring: {label} ...", flush=True)
+        r = raw[kind] = run_worker(kind, run_dir, tmp / "x.npy", tmp / "paths.txt", args.single, tuned)
+        for b in ("b1", "b32"):
+            rows.append({"row": label, "input": source, "batch": 1 if b == "b1" else BATCH, "img_s": r[b]["img_s"],
+                         "p50_ms": r[b]["p50_ms"], "p95_ms": r[b]["p95_ms"]})
+    serve_rows = []
+    for clients in sorted({1, args.clients}):
+        print(f"measuring: serve /predict with {clients} client(s) ...", flush=True)
+        s = raw[f"serve-{clients}"] = load_serve(run_dir, photos, clients, args.requests)
+        serve_rows.append({"row": f"serve POST /predict, {clients} concurrent client(s)", "requests": s["requests"],
+                           "req_s": s["req_s"], "p50_ms": s["p50_ms"], "p95_ms": s["p95_ms"], "errors": s["errors"]})
+
+    def ips(kind, b="b32"):
+        return raw[kind][b]["img_s"]
+
+    ratios = [
+        {"ratio": "pomona predict (files, b32) / eager PyTorch default (b32)", "value": ips("pomona-predict") / ips("torch-default"), "target": ">= 4"},
+        {"ratio": "pomona OnnxEngine / bare ONNX Runtime (b32)", "value": ips("pomona-engine") / ips("ort-bare"), "target": ">= 0.9"},
+        {"ratio": "pomona predict / bare ONNX Runtime + plain decode loop (files, b32)", "value": ips("pomona-predict") / ips("ort-bare-files"), "target": ">= 0.9"},
+        {"ratio": "pomona predict (files, b32) / bare ONNX Runtime (tensors, b32)", "value": ips("pomona-predict") / ips("ort-bare"), "target": ""},
+        {"ratio": "pomona predict / bare ONNX Runtime + plain decode loop (files, b1)", "value": ips("pomona-predict", "b1") / ips("ort-bare-files", "b1"), "target": ""},
+        {"ratio": "pomona OnnxEngine / eager PyTorch default (b32)", "value": ips("pomona-engine") / ips("torch-default"), "target": ""},
+        {"ratio": "PyTorch tuned / eager PyTorch default (b32)", "value": ips("torch-tuned") / ips("torch-default"), "target": ""},
+        {"ratio": "pomona OnnxEngine / eager PyTorch default (b1)", "value": ips("pomona-engine", "b1") / ips("torch-default", "b1"), "target": ""},
+    ]
+    header = (f"run {run_dir} ({info['model']['name']} @ {pre.input_size} px, {len(info['classes'])} classes); "
+              f"{len(photos)} photos from {args.images}; {os.cpu_count()} CPUs; TTA off")
+    print("\n" + header)
+    parts = [header, "", print_table(rows, ["row", "input", "batch", "img_s", "p50_ms", "p95_ms"])]
+    print()
+    parts += ["", print_table(serve_rows, ["row", "requests", "req_s", "p50_ms", "p95_ms", "errors"])]
+    print()
+    parts += ["", print_table(ratios, ["ratio", "value", "target"])]
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "inference.md").write_text("\n".join(parts) + "\n")
+        (out / "inference.json").write_text(json.dumps(raw, indent=2))
+
+
+if __name__ == "__main__":
+    main()

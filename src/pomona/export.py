@@ -1,0 +1,146 @@
+"""`pomona export`: a run's best model as ONNX (for the ONNX Runtime engine) or TorchScript, checked against
+PyTorch before it is kept.
+
+The export goes into the run folder (or `out`) as `model.onnx` / `model.torchscript.pt`, with `export.json`
+beside it: per format the file, the SHA-256 of the weights it came from, the classes, the preprocessing and the
+parity check (max |exported - PyTorch| over the logits of a batch). When `out` is another folder, `run.json` is
+copied there too, so that folder alone can be served or used with `predict`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .datasets import Preprocessing
+from .engine import EXPORT_INFO, ONNX_FILE, TORCHSCRIPT_FILE, OnnxEngine, sha256_file
+from .train import load_run
+
+FORMATS = ("onnx", "torchscript")
+
+
+class ExportError(RuntimeError):
+    """The exported model does not reproduce the PyTorch model (or could not be written)."""
+
+
+@dataclass
+class ExportResult:
+    format: str
+    path: str
+    max_abs_diff: float
+    tolerance: float
+    argmax_agree: bool
+    batch_sizes: tuple[int, ...]
+    opset: int | None
+    source_sha256: str
+
+
+def create_check_batch(pre: Preprocessing, n: int, seed: int = 0) -> torch.Tensor:
+    """A seeded batch shaped like real inputs (normalised pixels are roughly standard normal)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, pre.input_size, pre.input_size, generator=g)
+
+
+def export_onnx_file(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int = 17,
+                     metadata: dict | None = None) -> None:
+    """Trace `model` to ONNX with a dynamic batch axis; `metadata` goes into the model's metadata_props."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation warnings about the TorchScript-based exporter
+        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                          do_constant_folding=True)
+    if metadata:
+        import onnx
+
+        proto = onnx.load(str(path))
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, str(path))
+
+
+def export_torchscript_file(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Trace and freeze `model` (batch size stays free: EfficientNet has no batch-dependent shapes)."""
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
+        torch.jit.save(traced, str(path))
+
+
+def compare_logits(reference: torch.nn.Module, run_exported, batches: list[torch.Tensor]) -> tuple[float, bool]:
+    """Max |exported - reference| over the logits of every batch, and whether the top class always agrees."""
+    worst, agree = 0.0, True
+    with torch.no_grad():
+        for x in batches:
+            ref = reference(x).numpy()
+            got = np.asarray(run_exported(x))
+            worst = max(worst, float(np.abs(ref - got).max()))
+            agree &= bool((ref.argmax(1) == got.argmax(1)).all())
+    return worst, agree
+
+
+def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, opset: int = 17,
+               tolerance: float = 1e-3, threads: int | None = None) -> ExportResult:
+    """Export the best model of `run_dir` as `fmt` and verify it against PyTorch (batches of 1 and 5);
+    raises ExportError, leaving nothing behind, when the logits differ by more than `tolerance`."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}: choose from {', '.join(FORMATS)}")
+    run_dir = Path(run_dir)
+    out_dir = Path(out) if out else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, info = load_run(run_dir, "cpu")
+    model = model.float().eval()
+    pre = Preprocessing.from_dict(info["preprocessing"])
+    batch_sizes = (1, 5)
+    batches = [create_check_batch(pre, n, seed=n) for n in batch_sizes]
+    path = out_dir / (ONNX_FILE if fmt == "onnx" else TORCHSCRIPT_FILE)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if fmt == "onnx":
+            export_onnx_file(model, batches[0], tmp, opset, {
+                "pomona.classes": json.dumps(info["classes"]),
+                "pomona.preprocessing": json.dumps(info["preprocessing"]),
+                "pomona.model": json.dumps(info["model"])})
+            engine = OnnxEngine(tmp, threads)
+            diff, agree = compare_logits(model, lambda x: engine.logits(x.numpy()), batches)
+        else:
+            export_torchscript_file(model, batches[0], tmp)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                loaded = torch.jit.load(str(tmp), map_location="cpu")
+            diff, agree = compare_logits(model, lambda x: loaded(x).numpy(), batches)
+        if not diff <= tolerance:
+            raise ExportError(f"{fmt} export of {run_dir} disagrees with PyTorch: max |logit difference| "
+                              f"{diff:.2e} > tolerance {tolerance:.0e}; nothing was written")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    result = ExportResult(fmt, path.name, diff, tolerance, agree, batch_sizes, opset if fmt == "onnx" else None,
+                          sha256_file(run_dir / "model.safetensors"))
+    write_export_info(out_dir, result, info)
+    if out_dir.resolve() != run_dir.resolve():
+        shutil.copy2(run_dir / "run.json", out_dir / "run.json")
+    return result
+
+
+def write_export_info(out_dir: Path, result: ExportResult, info: dict) -> Path:
+    """Add this format's entry to export.json (other formats' entries are kept)."""
+    path = out_dir / EXPORT_INFO
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[result.format] = {**asdict(result), "classes": info["classes"], "preprocessing": info["preprocessing"],
+                           "torch_version": torch.__version__,
+                           "onnxruntime_version": _onnxruntime_version() if result.format == "onnx" else None}
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
