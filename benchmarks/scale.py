@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "fruits360-apples" / "all"
 TRAIN_ARGS = ["--group-by", r"^(r\d?_)?", "--holdout", "last", "--img-size", "96", "--epochs", "1",
               "--frozen-epochs", "0", "--no-cache-images", "--batch-size", "64", "--patience", "0",
-              "--device", "cpu"]
+              "--ema-epochs", "0", "--device", "cpu"]
 
 
 def make_subset(n: int | None, root: Path, seed: int = 0) -> Path:
