@@ -85,8 +85,6 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    header = (f"Command: `flock /tmp/pomona-cpu.lock python benchmarks/ablation.py --only {{}} --seeds {args.seeds}`. "
-              f"Recipe (all arms): {json.dumps(RECIPE)}.\n\n")
     for name in (["speed", "grocery", "fruits360"] if not args.only else [args.only]):
         start = time.perf_counter()
         if name == "speed":
@@ -94,7 +92,10 @@ def main() -> None:
         else:
             text = {"grocery": grocery, "fruits360": fruits360}[name](out / name, args.seeds)
         text += f"\nTotal wall time: {time.perf_counter() - start:.0f} s.\n"
-        (RESULTS / f"ablation-{name}.md").write_text(f"# Ablation: {name}\n\n" + header.format(name) + text)
+        header = (f"Command: `flock /tmp/pomona-cpu.lock python benchmarks/ablation.py --only {name} --seeds "
+                  f"{args.seeds}`. Recipe (all arms): `{json.dumps(RECIPE)}`"
+                  + (" with img_size 128 (the photos are 100 px)" if name == "fruits360" else "") + ".\n\n")
+        (RESULTS / f"ablation-{name}.md").write_text(f"# Ablation: {name}\n\n" + header + text)
         print(f"wrote {RESULTS / f'ablation-{name}.md'}", file=sys.stderr)
 
 

@@ -177,6 +177,8 @@ def balance(args: argparse.Namespace) -> int:
     if table is None:
         raise SystemExit("pomona balance: give --data FOLDER (one sub-folder per class) or --csv and --images")
     if args.masks:
+        if not args.data:
+            raise SystemExit("pomona balance: --masks works with --data (masks mirror its class folders)")
         table = table.assign(mask=[_find_mask(p, args.data, args.masks) for p in table["path"]])
     cfg = BalanceConfig(mode=modes[0], classes=args.classes, allow_colour=args.allow_colour,
                         image_format=args.format)

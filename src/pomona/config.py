@@ -121,8 +121,8 @@ class TrainConfig:
     """Probability of an extra random quarter turn (90, 180 or 270 degrees) during training: an apple has no
     upright."""
     elastic: float = 0.0
-    """Strength (pixels of displacement) of a random elastic distortion during training, like Augmentor's
-    random_distortion; 0 = off."""
+    """Strength (alpha of torchvision's ElasticTransform, sigma 5; try 20-50) of a random elastic distortion
+    during training, the online cousin of Augmentor's random_distortion; 0 = off."""
     ema_epochs: float = 0.0
     """Evaluate and keep an exponential moving average of the weights over roughly this many recent epochs
     (0 = off); steadies the result on small data."""
