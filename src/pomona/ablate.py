@@ -1,7 +1,9 @@
 """`pomona ablate`: does class balancing help? The same split, the same seeds, one recipe, four arms.
 
 Arms: `none` (plain training), `augmentor` (Augmentor-generated images for the training fold, `pomona.balance`),
-`class_weights` (inverse-frequency weighted loss) and `sampler` (inverse-frequency weighted sampler). Optionally
+`class_weights` (inverse-frequency weighted loss), `sampler` (inverse-frequency weighted sampler) and
+`none_matched` (plain training for as many optimisation steps as the augmentor arm takes: its epochs are longer,
+so without this control a gain could come from training longer, the original system's confound). Optionally
 the training fold is first made strongly imbalanced (`imbalance=0.2` keeps 20% of the chosen minority classes'
 training images; validation is never touched). Every arm is scored on the same validation images: macro-F1 with
 a bootstrap 95% CI (images resampled, averaged over seeds), the paired difference to `none` with its own CI,
@@ -22,13 +24,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .balance import plan_balance
 from .config import Config
 from .data import DataBundle, prepare_data
 from .metrics import macro_f1
 from .predict import Predictor
 from .train import train_and_evaluate
 
-ARMS = ("none", "augmentor", "class_weights", "sampler")
+ARMS = ("none", "augmentor", "class_weights", "sampler", "none_matched")
 
 
 @dataclass
@@ -36,7 +39,7 @@ class AblationSettings:
     """What `pomona ablate` compares."""
 
     arms: Sequence[str] = ARMS
-    """Arms to train: none, augmentor, class_weights, sampler."""
+    """Arms to train: none, augmentor, class_weights, sampler, none_matched."""
     seeds: int = 3
     """Training seeds per arm (0..seeds-1); the split and the imbalance are the same for all."""
     imbalance: float | None = None
@@ -105,9 +108,14 @@ def thin_validation(bundle: DataBundle, every_nth: int) -> DataBundle:
     return DataBundle(table[mask].reset_index(drop=True), bundle.classes)
 
 
-def arm_config(base: Config, arm: str, settings: AblationSettings, seed: int, cache_dir: Path) -> Config:
-    """The base recipe with one balancing method switched on (and all others off)."""
+def arm_config(base: Config, arm: str, settings: AblationSettings, seed: int, cache_dir: Path,
+               step_ratio: float = 1.0) -> Config:
+    """The base recipe with one balancing method switched on (and all others off); `none_matched` trains
+    `step_ratio` times as many epochs."""
     cfg = copy.deepcopy(base)
+    if arm == "none_matched":
+        cfg.train.epochs = max(1, int(round(base.train.epochs * step_ratio)))
+        cfg.train.warmup_epochs = base.train.warmup_epochs * step_ratio
     cfg.seed = seed
     cfg.train.class_weighted_loss = arm == "class_weights"
     cfg.train.weighted_sampler = arm == "sampler"
@@ -169,10 +177,12 @@ def run_ablation(base: Config, out: str | Path, settings: AblationSettings, bund
     val = bundle.subset("val")
     index = {c: i for i, c in enumerate(bundle.classes)}
     y_true = np.array([index[c] for c in val["label"]])
+    plan = plan_balance(train_counts, settings.balance_mode)
+    step_ratio = (sum(plan.after.values())) / sum(train_counts.values())
     runs: list[ArmRun] = []
     for arm in settings.arms:
         for seed in range(settings.seeds):
-            cfg = arm_config(base, arm, settings, seed, out / "balance-cache")
+            cfg = arm_config(base, arm, settings, seed, out / "balance-cache", step_ratio)
             run_dir = out / f"{arm}-seed{seed}"
             start = time.perf_counter()
             result = train_and_evaluate(cfg, run_dir, bundle=bundle)
@@ -196,6 +206,7 @@ def run_ablation(base: Config, out: str | Path, settings: AblationSettings, bund
         row = {"arm": arm, **stats[arm], "per_seed": [macro_f1(y_true, r.y_pred) for r in arm_runs],
                "minority_f1": {c: float(f1s[index[c]]) for c in minority},
                "train_images": arm_runs[0].train_images,
+               "epochs": arm_config(base, arm, settings, 0, out, step_ratio).train.epochs,
                "seconds": float(np.mean([r.seconds for r in arm_runs]))}
         rows.append(row)
     info = {"classes": bundle.classes, "minority": minority, "imbalance": settings.imbalance,
@@ -212,7 +223,7 @@ def format_ablation_table(result: AblationResult) -> str:
     """The markdown table: one row per arm."""
     minority = result.info["minority"]
     head = ["arm", "macro-F1 (mean of seeds)", "95% CI", "Δ vs none [95% CI]", "per seed"]
-    head += [f"F1 {c}" for c in minority] + ["train images", "wall s / run"]
+    head += [f"F1 {c}" for c in minority] + ["train images", "epochs", "wall s / run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result.rows:
         delta = (f"{r['delta']:+.3f} [{r['delta_ci95'][0]:+.3f}, {r['delta_ci95'][1]:+.3f}]"
@@ -220,7 +231,7 @@ def format_ablation_table(result: AblationResult) -> str:
         cells = [r["arm"], f"{r['macro_f1']:.3f}", f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}", delta,
                  " ".join(f"{v:.3f}" for v in r["per_seed"])]
         cells += [f"{r['minority_f1'][c]:.3f}" for c in minority]
-        cells += [str(r["train_images"]), f"{r['seconds']:.0f}"]
+        cells += [str(r["train_images"]), str(r["epochs"]), f"{r['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

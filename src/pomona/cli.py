@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "images, e.g. 0.2 (default: data as it is)")
     p.add_argument("--minority", help="comma-separated classes to cut (default: the --n-minority smallest)")
     p.add_argument("--n-minority", type=int, default=2, help="classes to cut (default: 2)")
-    p.add_argument("--arms", default="none,augmentor,class_weights,sampler", help="arms to compare")
+    p.add_argument("--arms", default="none,augmentor,class_weights,sampler,none_matched",
+                   help="arms to compare (none_matched: plain training with as many steps as augmentor)")
     p.add_argument("--balance-mode", default="max", help="balancing of the augmentor arm (default: max)")
     p.add_argument("--val-every-nth", type=int, default=1, help="score every Nth validation frame per group")
     add_config_flags(p)
