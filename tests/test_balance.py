@@ -117,6 +117,12 @@ def test_mask_gets_the_same_transform_as_its_image(tmp_path):
         source = np.asarray(Image.open(row.source_mask))
         moved += source.shape != mask.shape or not np.array_equal(source, mask)
     assert moved == len(manifest)
+    # the same through the command line: masks found by class folder and file name
+    assert run(["balance", "--data", str(root), "--masks", str(masks), "--out", str(tmp_path / "cli"),
+                "--per-class", "+2"]) == 0
+    cli = pd.read_csv(tmp_path / "cli" / "manifest.csv")
+    assert len(cli) == 2 and all(Path(p).is_file() for p in cli["mask"])
+    assert set(cli["source_mask"]) <= {r["mask"] for r in rows}
 
 
 @pytest.mark.skipif(not GROCERY.is_dir(), reason="../shared/data/grocery-apples not present")

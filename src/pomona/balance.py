@@ -35,9 +35,9 @@ from .config import BalanceConfig
 from .data import DataBundle
 from .images import BadImageError, load_image
 
-#: Augmentor Pipeline methods that change colours; refused unless `allow_colour`.
+#: Augmentor Pipeline methods that change colours (random_erasing paints noise); refused unless `allow_colour`.
 COLOUR_OPERATIONS = {"random_brightness", "random_color", "random_contrast", "greyscale", "black_and_white",
-                     "invert", "histogram_equalisation"}
+                     "invert", "histogram_equalisation", "random_erasing"}
 #: Pipeline methods that are not image operations.
 _NOT_OPERATIONS = {"sample", "process", "sample_with_array", "status", "set_seed", "set_save_format",
                    "add_operation", "remove_operation", "add_further_directory", "ground_truth",
