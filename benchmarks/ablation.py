@@ -61,7 +61,7 @@ def grocery(out: Path, seeds: int) -> str:
     # the data set's own val folder has 22 photos and none of Red-Delicious: split its train folder instead
     base = merge(Config(), {**RECIPE, "data": {"data_dir": str(SHARED / "grocery-apples" / "train"),
                                                "val_fraction": 0.3}})
-    result = run_ablation(base, out, AblationSettings(seeds=seeds, imbalance=0.2, n_minority=2))
+    run_ablation(base, out, AblationSettings(seeds=seeds, imbalance=0.2, n_minority=2))
     return (out / "results.md").read_text()
 
 

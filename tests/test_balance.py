@@ -16,7 +16,7 @@ from pomona.cli import run
 from pomona.config import BalanceConfig
 from pomona.data import DataBundle
 from pomona.index import index_folder
-from pomona.train import create_weighted_sampler, train_and_evaluate
+from pomona.train import create_weighted_sampler
 
 from conftest import GROCERY, tiny_config
 
