@@ -259,6 +259,75 @@ def explain(args: argparse.Namespace) -> int:
     top = sorted(zip(info["classes"], result.probs), key=lambda t: -t[1])[:3]
     print(f"{args.photo}: " + "  ".join(f"{c} {p:.1%}" for c, p in top))
     print(f"Grad-CAM for {result.class_name} written to {out}")
+
+def balance(args: argparse.Namespace) -> int:
+    """Generate Augmentor images that balance a labelled folder: images + manifest.csv in --out (only the
+    generated images; to balance inside training, after the split, use `pomona train --balance`)."""
+    from .balance import balance_table
+    from .config import BalanceConfig
+    from .index import index_folder
+
+    modes = [m for m in (f"target={args.target}" if args.target is not None else None,
+                         f"add={args.per_class.lstrip('+')}" if args.per_class else None,
+                         "max" if args.to_max else None) if m]
+    if len(modes) != 1:
+        raise SystemExit("pomona balance: give exactly one of --target N, --per-class +N, --to-max")
+    table = _labelled_table(args)
+    if table is None:
+        raise SystemExit("pomona balance: give --data FOLDER (one sub-folder per class) or --csv and --images")
+    if args.masks:
+        if not args.data:
+            raise SystemExit("pomona balance: --masks works with --data (masks mirror its class folders)")
+        table = table.assign(mask=[_find_mask(p, args.data, args.masks) for p in table["path"]])
+    cfg = BalanceConfig(mode=modes[0], classes=args.classes, allow_colour=args.allow_colour,
+                        image_format=args.format)
+    if args.ops:
+        cfg.operations = args.ops
+    result = balance_table(table, cfg, args.seed, args.out)
+    for c, n in result.plan.counts.items():
+        print(f"{c:24s} {n:6d} -> {result.plan.after[c]:6d}")
+    print(f"generated {len(result.manifest)} images in {result.seconds:.1f} s ({result.images_per_s:.0f} img/s); "
+          f"manifest {Path(args.out) / 'manifest.csv'}")
+    print("note: these images are copies of their sources; never split a folder holding both, or copies of one "
+          "apple land in training and validation (pomona train --balance balances after the split)")
+    return 0
+
+
+def _find_mask(path: str, data_root: str, mask_root: str) -> str:
+    """The mask of `data_root/<class>/<name>.*`: `mask_root/<class>/<name>.*` (any image extension)."""
+    from .images import IMAGE_EXTENSIONS
+    from .index import DataLayoutError
+
+    rel = Path(path).relative_to(Path(data_root))
+    for ext in (Path(path).suffix, *IMAGE_EXTENSIONS, ".PNG"):
+        candidate = Path(mask_root) / rel.with_suffix(ext)
+        if candidate.is_file():
+            return str(candidate)
+    raise DataLayoutError(f"no mask for {path} in {mask_root} (expected {Path(mask_root) / rel.with_suffix('.*')})")
+
+
+def augment_preview(args: argparse.Namespace) -> int:
+    """Write a PNG grid of one photo under the online augmentation and the Augmentor balancing operations."""
+    from .preview import write_augment_preview
+
+    cfg = config_from_args(args)
+    out = write_augment_preview(args.image, args.out, cfg, n=args.n, seed=cfg.seed, which=args.show)
+    print(f"wrote {out}")
+    return 0
+
+
+def ablate(args: argparse.Namespace) -> int:
+    """Train without balancing, with Augmentor balancing, class weights and a weighted sampler on the same split
+    and seeds; write results.md and results.json (macro-F1 with bootstrap CIs, minority-class F1, time)."""
+    from .ablate import AblationSettings, run_ablation
+
+    cfg = config_from_args(args)
+    settings = AblationSettings(arms=args.arms.split(","), seeds=args.seeds, imbalance=args.imbalance,
+                                minority=args.minority.split(",") if args.minority else None,
+                                n_minority=args.n_minority, balance_mode=args.balance_mode,
+                                val_every_nth=args.val_every_nth)
+    run_ablation(cfg, args.out, settings)
+    print(f"wrote {Path(args.out) / 'results.md'} and results.json")
     return 0
 
 
@@ -351,6 +420,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=448, help="side of the overlay image in pixels (default: 448)")
     p.set_defaults(func=explain)
 
+    p = sub.add_parser("balance", help=balance.__doc__, description=balance.__doc__)
+    _add_layout_flags(p, labelled=True)
+    p.add_argument("--out", required=True, help="output folder (images in <class>/ sub-folders, manifest.csv)")
+    p.add_argument("--target", type=int, help="bring every class to N images")
+    p.add_argument("--per-class", metavar="+N", help="add N images to every class")
+    p.add_argument("--to-max", action="store_true", help="bring every class to the largest class's count")
+    p.add_argument("--classes", help="comma-separated classes to balance (default: all)")
+    p.add_argument("--ops", help="Augmentor operations 'name:probability:args,...' (default: flips, rotate90/270, "
+                                 "random_distortion:0.8:4:4:8)")
+    p.add_argument("--allow-colour", action="store_true", help="allow colour-changing operations")
+    p.add_argument("--masks", help="folder of masks mirroring --data (same class/name): transformed with "
+                                   "their images (Augmentor.DataPipeline), written under OUT/masks/")
+    p.add_argument("--format", default="png", choices=["png", "jpg"], help="file format (default: png)")
+    p.add_argument("--seed", type=int, default=0, help="seed (same seed, same files)")
+    p.set_defaults(func=balance)
+
+    p = sub.add_parser("augment-preview", help=augment_preview.__doc__, description=augment_preview.__doc__)
+    p.add_argument("image", help="a photo")
+    p.add_argument("--out", default="augment_preview.png", help="PNG to write (default: augment_preview.png)")
+    p.add_argument("--n", type=int, default=11, help="augmented samples per pipeline (default: 11)")
+    p.add_argument("--show", default="both", choices=["online", "balance", "both"], help="which pipelines")
+    add_config_flags(p)
+    p.set_defaults(func=augment_preview)
+
+    p = sub.add_parser("ablate", help=ablate.__doc__, description=ablate.__doc__)
+    p.add_argument("--out", required=True, help="folder for the runs and results.md/results.json")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per arm (default: 3)")
+    p.add_argument("--imbalance", type=float, help="keep only this fraction of the minority classes' training "
+                                                   "images, e.g. 0.2 (default: data as it is)")
+    p.add_argument("--minority", help="comma-separated classes to cut (default: the --n-minority smallest)")
+    p.add_argument("--n-minority", type=int, default=2, help="classes to cut (default: 2)")
+    p.add_argument("--arms", default="none,augmentor,class_weights,sampler,none_matched",
+                   help="arms to compare (none_matched: plain training with as many steps as augmentor)")
+    p.add_argument("--balance-mode", default="max", help="balancing of the augmentor arm (default: max)")
+    p.add_argument("--val-every-nth", type=int, default=1, help="score every Nth validation frame per group")
+    add_config_flags(p)
+    p.set_defaults(func=ablate)
+
     p = sub.add_parser("data", help="demo data sets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     f = data_sub.add_parser("fetch", help=data_fetch.__doc__, description=data_fetch.__doc__)
@@ -363,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     """Parse `argv` and run the subcommand (no re-exec; what tests call)."""
+    from .balance import BalanceError
     from .engine import EngineError
     from .explain import ExplainError
     from .export import ExportError
@@ -374,8 +482,8 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataLayoutError, WeightsError, TooManyBadImages, FileNotFoundError, KeyError, EngineError, ExportError,
-            ExplainError, BadImageError) as e:
+    except (DataLayoutError, WeightsError, TooManyBadImages, BalanceError, FileNotFoundError, KeyError, EngineError,
+            ExportError, ExplainError, BadImageError) as e:
         print(f"pomona {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -102,6 +102,9 @@ class TrainConfig:
     """Label smoothing of the cross-entropy loss."""
     class_weighted_loss: bool = False
     """Weight the loss by inverse class frequency."""
+    weighted_sampler: bool = False
+    """Draw training images with probability inversely proportional to their class size (with replacement),
+    so every class is seen about equally often per epoch."""
     patience: int = 6
     """Stop after this many epochs without a better validation macro-F1 (0 = never)."""
     augment: bool = True
@@ -117,11 +120,40 @@ class TrainConfig:
     """Smallest area fraction kept by the random resized crop."""
     color_jitter: float = 0.0
     """Brightness/contrast jitter strength; 0 by default because colour tells varieties apart."""
+    rot90: float = 0.0
+    """Probability of an extra random quarter turn (90, 180 or 270 degrees) during training: an apple has no
+    upright."""
+    elastic: float = 0.0
+    """Strength (alpha of torchvision's ElasticTransform, sigma 5; try 20-50) of a random elastic distortion
+    during training, the online cousin of Augmentor's random_distortion; 0 = off."""
     ema_epochs: float = 2.0
     """Evaluate and keep an exponential moving average of the weights over roughly this many recent epochs
     (0 = off); steadies the result on small data."""
     tta: bool = True
     """Average predictions over the image and its left-right flip at validation and test time."""
+
+
+@dataclass
+class BalanceConfig:
+    """Class balancing of the training fold with Augmentor-generated images (after the split, never before)."""
+
+    mode: str = field(default="off", metadata={"flag": "balance"})
+    """'off', 'target=N' (bring every class to N training images), 'max' (to the largest class) or 'add=N'
+    (N new images per class); only the training fold is balanced, after the split."""
+    operations: str = field(default="flip_left_right:0.5,flip_top_bottom:0.5,rotate90:0.25,rotate270:0.25,"
+                                    "random_distortion:0.8:4:4:8", metadata={"flag": "balance_ops"})
+    """Augmentor operations as 'name:probability:arg...' joined by commas, where name is an Augmentor.Pipeline
+    method and the args follow its signature (random_distortion:p:grid_width:grid_height:magnitude)."""
+    classes: str | None = field(default=None, metadata={"flag": "balance_classes"})
+    """Comma-separated classes to balance (default: every class)."""
+    allow_colour: bool = field(default=False, metadata={"flag": "balance_allow_colour"})
+    """Allow colour-changing operations (brightness, colour, contrast, greyscale, ...): off because colour
+    tells apple varieties apart."""
+    cache_dir: str | None = field(default=None, metadata={"flag": "balance_cache"})
+    """Folder caching generated images, keyed by the training fold, the settings and the seed (default:
+    'balance-cache' next to the run folder)."""
+    image_format: str = field(default="png", metadata={"flag": "balance_format"})
+    """File format of generated images: 'png' (lossless) or 'jpg' (quality 95, smaller)."""
 
 
 @dataclass
@@ -131,6 +163,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
     seed: int = 0
     """Seed of the split, the initialisation, the data order and the augmentation."""
     device: str = "auto"
@@ -151,7 +184,7 @@ class Config:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "balance": BalanceConfig}
 
 
 @dataclass
@@ -271,8 +304,7 @@ class TuneConfig:
 def merge(cfg: Config, overrides: dict[str, Any]) -> Config:
     """Return a copy of `cfg` with `overrides` ({"train": {"epochs": 3}, "seed": 1}) applied; unknown keys
     raise, so a typo in a config file never goes unnoticed."""
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data), model=dataclasses.replace(cfg.model),
-                              train=dataclasses.replace(cfg.train))
+    cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name)) for name in SECTIONS})
     for key, value in overrides.items():
         if key in SECTIONS:
             section = getattr(cfg, key)

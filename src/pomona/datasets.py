@@ -69,20 +69,40 @@ def create_eval_transform(pre: Preprocessing) -> Callable:
     return T.Compose([T.CenterCrop(pre.input_size), _normalize(pre)])
 
 
+class RandomQuarterTurn(torch.nn.Module):
+    """With probability `p`, rotate by 90, 180 or 270 degrees (drawn from torch's generator)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.rand(()) >= self.p:
+            return x
+        return torch.rot90(x, int(torch.randint(1, 4, ())), dims=(-2, -1))
+
+
 def create_train_transform(pre: Preprocessing, hflip: float = 0.5, vflip: float = 0.5, rotate: float = 30.0,
-                           crop_scale: float = 0.35, color_jitter: float = 0.0) -> Callable:
-    """Colour-safe augmentation: random resized crop, flips and rotation; colour jitter only when asked."""
+                           crop_scale: float = 0.35, color_jitter: float = 0.0, rot90: float = 0.0,
+                           elastic: float = 0.0, normalize: bool = True) -> Callable:
+    """Colour-safe augmentation: random resized crop, flips, quarter turns, rotation and elastic distortion;
+    colour jitter only when asked. `normalize=False` keeps uint8 images (for previews)."""
     ops: list = [T.RandomResizedCrop(pre.input_size, scale=(crop_scale, 1.0),
                                      interpolation=_INTERPOLATION[pre.interpolation], antialias=True)]
     if hflip > 0:
         ops.append(T.RandomHorizontalFlip(hflip))
     if vflip > 0:
         ops.append(T.RandomVerticalFlip(vflip))
+    if rot90 > 0:
+        ops.append(RandomQuarterTurn(rot90))
+    if elastic > 0:
+        ops.append(T.ElasticTransform(alpha=float(elastic), sigma=5.0))
     if rotate > 0:
         ops.append(T.RandomRotation(rotate, interpolation=T.InterpolationMode.BILINEAR))
     if color_jitter > 0:
         ops.append(T.ColorJitter(brightness=color_jitter, contrast=color_jitter))
-    ops.append(_normalize(pre))
+    if normalize:
+        ops.append(_normalize(pre))
     return T.Compose(ops)
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .balance import balance_training_fold, parse_mode
 from .config import Config, TrainConfig
 from .data import DataBundle, load_split, prepare_data
 from .distributed import SINGLE, DistContext
@@ -206,27 +207,59 @@ def create_loaders(bundle: DataBundle, images: DecodedImages, pre: Preprocessing
     batch (same global batch size) and a disjoint shard of the validation images."""
     t = cfg.train
     train_frame, val_frame = bundle.subset("train"), bundle.subset("val")
-    train_transform = (create_train_transform(pre, t.hflip, t.vflip, t.rotate, t.crop_scale, t.color_jitter)
+    train_targets = bundle.targets(train_frame)
+    train_transform = (create_train_transform(pre, t.hflip, t.vflip, t.rotate, t.crop_scale, t.color_jitter,
+                                              rot90=t.rot90, elastic=t.elastic)
                        if t.augment else create_eval_transform(pre))
-    train_set = ImageDataset(train_frame["path"], bundle.targets(train_frame), images, train_transform)
+    train_set = ImageDataset(train_frame["path"], train_targets, images, train_transform)
     val_set = ImageDataset(val_frame["path"], bundle.targets(val_frame), images, create_eval_transform(pre))
     workers = cfg.data.num_workers
     common = dict(num_workers=workers, persistent_workers=workers > 0)
     batch = max(1, t.batch_size // dist.world_size)
     drop_last = len(train_set) > t.batch_size
+    generator = torch.Generator()
     if dist.enabled:
         from torch.utils.data import Subset
         from torch.utils.data.distributed import DistributedSampler
 
+        if t.weighted_sampler:
+            raise ValueError("--weighted-sampler is not supported with several processes; use "
+                             "--class-weighted-loss or --balance")
         sampler = DistributedSampler(train_set, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed,
                                      drop_last=drop_last)
-        train_loader = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=drop_last,
-                                  generator=torch.Generator(), **common)
         val_set = Subset(val_set, list(range(dist.rank, len(val_set), dist.world_size)))
     else:
-        train_loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=drop_last,
-                                  generator=torch.Generator(), **common)
+        sampler = (create_weighted_sampler(train_targets, len(bundle.classes), generator) if t.weighted_sampler
+                   else None)
+    train_loader = DataLoader(train_set, batch_size=batch, shuffle=sampler is None, sampler=sampler,
+                              drop_last=drop_last, generator=generator, **common)
     return train_loader, DataLoader(val_set, batch_size=t.batch_size * 2, shuffle=False, **common)
+
+
+def create_weighted_sampler(targets: list[int], num_classes: int, generator: torch.Generator,
+                            ) -> torch.utils.data.WeightedRandomSampler:
+    """Draws each image with weight 1 / (its class's size), with replacement: classes come out about equally
+    often. It shares the loader's generator, so the per-epoch seeding covers it."""
+    counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
+    weights = torch.tensor(1.0 / np.maximum(counts, 1)[targets], dtype=torch.double)
+    return torch.utils.data.WeightedRandomSampler(weights, num_samples=len(targets), replacement=True,
+                                                  generator=generator)
+
+
+def balance_bundle(bundle: DataBundle, cfg: Config, run_dir: Path) -> DataBundle:
+    """Append Augmentor-generated images for the training fold (cached, see `pomona.balance`); writes
+    balance.json (counts before/after, cache folder, time) into the run folder."""
+    cache_dir = Path(cfg.balance.cache_dir) if cfg.balance.cache_dir else run_dir.resolve().parent / "balance-cache"
+    bundle, result = balance_training_fold(bundle, cfg.balance, cfg.seed, cache_dir, cfg.data.max_pixels)
+    info = {"mode": cfg.balance.mode, "operations": cfg.balance.operations, "before": result.plan.counts,
+            "generated": result.plan.extra, "after": result.plan.after, "folder": str(result.folder),
+            "cached": result.cached, "seconds": result.seconds,
+            "images_per_s": result.images_per_s if result.seconds else None,
+            "skipped_sources": result.skipped_sources}
+    (run_dir / "balance.json").write_text(json.dumps(info, indent=2))
+    tqdm.write(f"balanced the training fold: {sum(result.plan.extra.values())} generated images "
+               f"({'from cache ' if result.cached else ''}{result.folder})")
+    return bundle
 
 
 def check_images(bundle: DataBundle, images: DecodedImages, max_bad_fraction: float) -> DataBundle:
@@ -310,6 +343,8 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
     model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if not resume and parse_mode(cfg.balance.mode)[0] != "off":
+        bundle = balance_bundle(bundle, cfg, run_dir)
     images = DecodedImages(pre, cfg.data.max_pixels, cfg.data.cache_max_mb << 20, cfg.data.cache_images)
     bundle = check_images(bundle, images, cfg.data.max_bad_fraction)
     if dist.is_main:
