@@ -259,6 +259,8 @@ def explain(args: argparse.Namespace) -> int:
     top = sorted(zip(info["classes"], result.probs), key=lambda t: -t[1])[:3]
     print(f"{args.photo}: " + "  ".join(f"{c} {p:.1%}" for c, p in top))
     print(f"Grad-CAM for {result.class_name} written to {out}")
+    return 0
+
 
 def balance(args: argparse.Namespace) -> int:
     """Generate Augmentor images that balance a labelled folder: images + manifest.csv in --out (only the
