@@ -11,9 +11,11 @@ import pytest
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # Full-batch steps on a frozen backbone, no augmentation or dropout: the averaged gradient of two half-batches
-# equals the full-batch gradient, so both runs should agree up to float rounding.
+# equals the full-batch gradient, so both runs should agree up to float rounding. Balancing (6 -> 8 images a
+# class, deterministic) is generated once by rank 0 and read from the cache by rank 1.
 ARGS = ["--model", "tf_efficientnet_lite0", "--weights", "package", "--img-size", "64", "--out-features", "32",
-        "--dropout", "0", "--freeze-backbone", "--no-augment", "--epochs", "3", "--batch-size", "18", "--lr", "0.003",
+        "--dropout", "0", "--freeze-backbone", "--no-augment", "--epochs", "3", "--batch-size", "24", "--lr", "0.003",
+        "--balance", "target=8",
         "--schedule", "constant", "--patience", "0", "--device", "cpu", "--no-channels-last"]
 
 
@@ -38,3 +40,6 @@ def test_two_processes_match_one(grocery_small, grocery_val_small, tmp_path):
     # rank 0 alone writes and reports: one summary line, one report
     assert proc.stdout.count("best validation macro-F1") == 1
     assert (tmp_path / "ddp" / "report.html").is_file()
+    split = pd.read_csv(tmp_path / "ddp" / "split.csv")
+    assert (split.subset == "train").sum() == 24 and json.loads((tmp_path / "ddp" / "balance.json").read_text())
+    assert not list((tmp_path / "ddp").glob(".rank*"))

@@ -246,7 +246,7 @@ def create_weighted_sampler(targets: list[int], num_classes: int, generator: tor
                                                   generator=generator)
 
 
-def balance_bundle(bundle: DataBundle, cfg: Config, run_dir: Path) -> DataBundle:
+def balance_bundle(bundle: DataBundle, cfg: Config, run_dir: Path, write_info: bool = True) -> DataBundle:
     """Append Augmentor-generated images for the training fold (cached, see `pomona.balance`); writes
     balance.json (counts before/after, cache folder, time) into the run folder."""
     cache_dir = Path(cfg.balance.cache_dir) if cfg.balance.cache_dir else run_dir.resolve().parent / "balance-cache"
@@ -256,6 +256,8 @@ def balance_bundle(bundle: DataBundle, cfg: Config, run_dir: Path) -> DataBundle
             "cached": result.cached, "seconds": result.seconds,
             "images_per_s": result.images_per_s if result.seconds else None,
             "skipped_sources": result.skipped_sources}
+    if not write_info:
+        return bundle
     (run_dir / "balance.json").write_text(json.dumps(info, indent=2))
     tqdm.write(f"balanced the training fold: {sum(result.plan.extra.values())} generated images "
                f"({'from cache ' if result.cached else ''}{result.folder})")
@@ -344,7 +346,12 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if not resume and parse_mode(cfg.balance.mode)[0] != "off":
-        bundle = balance_bundle(bundle, cfg, run_dir)
+        # Rank 0 generates the images once; the other ranks then find them in the cache.
+        if dist.is_main:
+            bundle = balance_bundle(bundle, cfg, run_dir)
+        dist.barrier()
+        if not dist.is_main:
+            bundle = balance_bundle(bundle, cfg, run_dir, write_info=False)
     images = DecodedImages(pre, cfg.data.max_pixels, cfg.data.cache_max_mb << 20, cfg.data.cache_images)
     bundle = check_images(bundle, images, cfg.data.max_bad_fraction)
     if dist.is_main:
