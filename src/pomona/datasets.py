@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -164,7 +163,3 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.images.get(self.paths[i])), self.targets[i]
-
-
-def read_paths(paths: Sequence[str | Path]) -> list[str]:
-    return [str(p) for p in paths]
