@@ -77,15 +77,16 @@ SERVE_CLASSES = ["Granny-Smith", "Pink-Lady"]
 @pytest.fixture(scope="session")
 def apple_run(tmp_path_factory) -> Path:
     """A small real classifier, trained once per session and exported to ONNX: ImageNet Lite0 (offline package
-    weights), frozen backbone, linear head, 128 px, Granny Smith vs Pink Lady from 8 shop photos each. It
-    recognises held-out photos of these varieties, so serving tests can check the right variety is shown."""
+    weights), frozen backbone, linear head, 128 px, Granny Smith vs Pink Lady from 8 shop photos each, 4 epochs
+    (8 steps: with fewer, whether it learns depends on the data order of its seed). It recognises held-out photos
+    of these varieties, so serving tests can check the right variety is shown."""
     if not GROCERY.is_dir():
         pytest.skip("../shared/data/grocery-apples not present")
     from pomona.export import export_run
     from pomona.train import train_and_evaluate
 
     root = tmp_path_factory.mktemp("apple_run")
-    cfg = tiny_config(epochs=2, lr=1e-2)
+    cfg = tiny_config(epochs=4, lr=1e-2)
     cfg.model.name, cfg.model.weights, cfg.model.img_size = "tf_efficientnet_lite0", "package", 128
     cfg.model.freeze_backbone, cfg.model.out_features = True, 0
     cfg.data.data_dir = str(_link_subset(GROCERY / "train", root / "train", SERVE_CLASSES, 8))

@@ -117,7 +117,7 @@ def test_resume_matches_uninterrupted_run(grocery_small, tmp_path):
 
 
 def test_predict_keeps_order_and_reports_unreadable_photos(grocery_small, tmp_path):
-    from pomona.predict import Predictor
+    from pomona.checkpoint import load_run
 
     cfg = tiny_config()
     cfg.data.data_dir, cfg.data.val_fraction = str(grocery_small), 0.34
@@ -125,7 +125,7 @@ def test_predict_keeps_order_and_reports_unreadable_photos(grocery_small, tmp_pa
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
     photos = sorted(str(p) for p in grocery_small.rglob("*.jpg"))[:3]
     paths = [photos[0], str(tmp_path / "broken.jpg"), photos[1], photos[2]]
-    preds = Predictor(tmp_path / "run", device="cpu").predict(paths)
+    preds = load_run(tmp_path / "run", device="cpu").predict(paths)
     assert preds.paths == paths and list(preds.bad) == [str(tmp_path / "broken.jpg")]
     assert preds.labels[1] == "" and all(preds.labels[i] for i in (0, 2, 3))
     frame = preds.to_frame()

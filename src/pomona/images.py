@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import PomonaError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
-class BadImageError(ValueError):
+class BadImageError(PomonaError, ValueError):
     """A file that cannot be used as an image; the message says why."""
 
 

@@ -16,68 +16,39 @@ import asyncio
 import importlib.resources
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from .engine import MicroBatcher, create_image_transform
+from .checkpoint import load_run
+from .config import ServeCommand
+from .engine import MicroBatcher
 from .images import BadImageError, load_image
-from .predict import Predictor
-
-
-@dataclass
-class ServeSettings:
-    """How `pomona serve` runs."""
-
-    host: str = "127.0.0.1"
-    """Address to listen on (0.0.0.0 = every network interface)."""
-    port: int = 8000
-    """TCP port to listen on."""
-    engine: str = "auto"
-    """'auto' (ONNX Runtime when the run has an up-to-date ONNX export, else PyTorch), 'onnx' or 'torch'."""
-    threads: int = 0
-    """ONNX Runtime threads per model call (0 = one per CPU core)."""
-    tta: bool = True
-    """Average each prediction with that of the left-right flipped photo (twice the compute)."""
-    max_upload_mb: float = 10.0
-    """Largest accepted request body in MB; larger uploads are refused with 413 before they are read."""
-    max_pixels: int = 50_000_000
-    """Largest accepted image in pixels, read from the header before decoding (decompression-bomb guard)."""
-    max_batch: int = 16
-    """Most concurrent requests answered by one model call."""
-    max_concurrency: int = 64
-    """Open requests beyond this get 503 instead of queueing without bound."""
-    explain: bool = True
-    """Serve Grad-CAM overlays (/explain; loads the PyTorch model too)."""
-    cam_size: int = 448
-    """Side in pixels of the Grad-CAM overlay image."""
+from .preprocessing import create_eval_transform_np
 
 
 class ClassifierService:
-    """Everything a request needs, created once: the predictor (ONNX or PyTorch), the micro-batcher and, for
+    """Everything a request needs, created once: the loaded run (ONNX or PyTorch), the micro-batcher and, for
     Grad-CAM, the PyTorch model behind a lock."""
 
-    def __init__(self, run_dir: str | Path, settings: ServeSettings):
+    def __init__(self, settings: ServeCommand):
         self.settings = settings
-        self.predictor = Predictor(run_dir, device="cpu", tta=settings.tta, engine=settings.engine,
-                                   threads=settings.threads or None)
-        self.classes = self.predictor.classes
-        self.transform = create_image_transform(self.predictor.pre)
-        self.batcher = MicroBatcher(self.predictor.predict_array, settings.max_batch)
+        self.run = load_run(settings.run, device="cpu", engine=settings.engine, tta=settings.tta,
+                            threads=settings.threads or None)
+        self.classes = self.run.classes
+        self.transform = create_eval_transform_np(self.run.preprocessing)
+        self.batcher = MicroBatcher(self.run.predict_probs, settings.max_batch)
         self.cam_lock = threading.Lock()
         if settings.explain:
-            _ = self.predictor.model  # load the PyTorch model now, not on the first request
+            _ = self.run.models  # load the PyTorch model now, not on the first request
         self.started = time.time()
 
     def decode(self, data: bytes):
         return load_image(data, self.settings.max_pixels)
 
     def describe(self) -> dict:
-        info = self.predictor.info
-        return {"status": "ok", "model": info["model"]["name"], "classes": self.classes,
-                "engine": self.predictor.engine_name, "tta": self.predictor.tta,
-                "input_size": self.predictor.pre.input_size, "explain": self.settings.explain,
+        return {"status": "ok", "model": self.run.info["model"]["name"], "classes": self.classes,
+                "engine": self.run.engine_name, "tta": self.run.tta, "members": len(self.run.info["members"]),
+                "input_size": self.run.preprocessing.input_size, "explain": self.settings.explain,
                 "uptime_s": round(time.time() - self.started, 1)}
 
     def result(self, probs: np.ndarray, k: int = 3) -> dict:
@@ -90,8 +61,8 @@ class ClassifierService:
         from .explain import explain_image, overlay_png
 
         with self.cam_lock:
-            explanation = explain_image(self.predictor.model, image, self.predictor.pre, self.classes, class_name)
-        return overlay_png(image, explanation.cam, self.predictor.pre, self.settings.cam_size), explanation.class_name
+            explanation = explain_image(self.run, image, class_name)
+        return overlay_png(image, explanation, self.run.preprocessing, self.settings.cam_size), explanation.class_name
 
     def close(self) -> None:
         self.batcher.close()
@@ -151,16 +122,15 @@ class UploadTooLarge(Exception):
     """Raised from inside the request stream when the body passes the limit; answered with 413."""
 
 
-def create_app(run_dir: str | Path, settings: ServeSettings | None = None):
-    """The FastAPI app serving `run_dir`; the model is loaded here, once."""
+def create_app(settings: ServeCommand):
+    """The FastAPI app serving the run folder `settings.run`; the model is loaded here, once."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 
-    settings = settings or ServeSettings()
-    service = ClassifierService(run_dir, settings)
+    service = ClassifierService(settings)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -213,7 +183,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None):
         image = await read_image(request)
         x = await run_in_threadpool(service.transform, image)
         probs = await asyncio.wrap_future(service.batcher.submit(x))
-        return {**service.result(probs), "engine": service.predictor.engine_name,
+        return {**service.result(probs), "engine": service.run.engine_name,
                 "milliseconds": round((time.perf_counter() - start) * 1000, 1)}
 
     @app.post("/explain")
@@ -229,12 +199,12 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None):
     return app
 
 
-def serve(run_dir: str | Path, settings: ServeSettings) -> None:
+def serve(settings: ServeCommand) -> None:
     """Run the app with uvicorn until interrupted."""
     import uvicorn
 
-    app = create_app(run_dir, settings)
-    print(f"pomona: serving {run_dir} ({app.state.service.predictor.engine_name} engine) at "
+    app = create_app(settings)
+    print(f"pomona: serving {settings.run} ({app.state.service.run.engine_name} engine) at "
           f"http://{settings.host}:{settings.port}/", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, limit_concurrency=settings.max_concurrency,
                 log_level="warning")
