@@ -28,21 +28,23 @@ def _link_subset(src_root: Path, dst_root: Path, classes: list[str], per_class: 
     return dst_root
 
 
+def _grocery_subset(tmp_path_factory, split: str, per_class: int) -> Path:
+    if not GROCERY.is_dir():
+        pytest.skip("../shared/data/grocery-apples not present")
+    root = tmp_path_factory.mktemp(f"grocery_{split}_small")
+    return _link_subset(GROCERY / split, root, ["Granny-Smith", "Pink-Lady", "Golden-Delicious"], per_class)
+
+
 @pytest.fixture(scope="session")
 def grocery_small(tmp_path_factory) -> Path:
     """3 classes x 6 real grocery photos in a folder-per-class layout (symlinks into ../shared)."""
-    if not GROCERY.is_dir():
-        pytest.skip("../shared/data/grocery-apples not present")
-    root = tmp_path_factory.mktemp("grocery_small")
-    return _link_subset(GROCERY / "train", root, ["Granny-Smith", "Pink-Lady", "Golden-Delicious"], 6)
+    return _grocery_subset(tmp_path_factory, "train", 6)
 
 
 @pytest.fixture(scope="session")
 def grocery_val_small(tmp_path_factory) -> Path:
-    if not GROCERY.is_dir():
-        pytest.skip("../shared/data/grocery-apples not present")
-    root = tmp_path_factory.mktemp("grocery_val_small")
-    return _link_subset(GROCERY / "val", root, ["Granny-Smith", "Pink-Lady", "Golden-Delicious"], 2)
+    """The same 3 classes x 2 validation photos."""
+    return _grocery_subset(tmp_path_factory, "val", 2)
 
 
 def tiny_config(**train) -> Config:

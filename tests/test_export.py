@@ -118,3 +118,24 @@ def test_iter_batches_keeps_order_and_reports_bad_files(apple_run, tmp_path):
     assert [x.shape for _, x, _ in batches if x is not None][0] == (2, 3, 128, 128)
     bad = {k: v for _, _, b in batches for k, v in b.items()}
     assert bad == {str(tmp_path / "junk.jpg"): "not an image"}
+
+
+def test_predict_json_globs_batch_size_and_missing_photos(apple_run, capsys):
+    pattern = str(GROCERY / "val" / "Pink-Lady" / "*.jpg")  # quoted on a shell: pomona expands it
+    assert run(["predict", str(apple_run), pattern, "--format", "json", "--batch-size", "2", "--top-k", "1"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in records] == sorted(str(p) for p in (GROCERY / "val" / "Pink-Lady").glob("*.jpg"))
+    assert all(len(r["top"]) == 1 and r["label"] in SERVE_CLASSES for r in records)
+    assert run(["predict", str(apple_run), str(GROCERY / "val" / "Pink-Lady" / "*.png")]) == 2
+    assert "no file matches" in capsys.readouterr().err
+    assert run(["predict", str(apple_run), str(GROCERY / "val" / "no-such-photo.jpg")]) == 2
+    assert "photo not found" in capsys.readouterr().err
+
+
+def test_python_api_load_run_predict(apple_run):
+    import pomona
+
+    run_ = pomona.load_run(apple_run)
+    preds = run_.predict([held_out_photo("Granny-Smith"), held_out_photo("Pink-Lady")])
+    assert preds.labels == ["Granny-Smith", "Pink-Lady"] and run_.classes == SERVE_CLASSES
+    assert preds.top_k(1)[0][0][0] == "Granny-Smith" and len(run_.info["members"]) == 1

@@ -94,6 +94,11 @@ def read_run_info(run_dir: str | Path) -> dict:
     return info
 
 
+def copy_run_info(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """run.json of `run_dir` written into `out_dir` (so that an export folder alone can be served)."""
+    return write_json(Path(out_dir) / RUN_INFO, json.loads((Path(run_dir) / RUN_INFO).read_text()))
+
+
 def member_paths(run_dir: str | Path, info: dict | None = None) -> list[Path]:
     info = info or read_run_info(run_dir)
     return [Path(run_dir) / m for m in info["members"]]

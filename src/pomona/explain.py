@@ -85,7 +85,7 @@ def crop_as_model_sees(image: Image.Image, pre: Preprocessing, size: int) -> Ima
 
 
 def render_overlay(image: Image.Image, cam: np.ndarray, pre: Preprocessing, size: int = 448,
-                   alpha: float = 0.45, caption: str | None = None) -> Image.Image:
+                   alpha: float = 0.45, caption: str | None = None, legend: bool = True) -> Image.Image:
     """The heat map (matplotlib's 'jet': red = most important) blended over the model's view of the photo, with a
     legend band at the bottom: the colour scale and `caption` (e.g. the class and its probability)."""
     from matplotlib import colormaps
@@ -96,32 +96,32 @@ def render_overlay(image: Image.Image, cam: np.ndarray, pre: Preprocessing, size
     weight = alpha * (0.25 + 0.75 * np.asarray(heat, dtype=np.float32)[..., None] / 255.0)
     blended = (1 - weight) * np.asarray(base, dtype=np.float32) / 255.0 + weight * colored
     overlay = Image.fromarray(np.clip(blended * 255 + 0.5, 0, 255).astype(np.uint8), "RGB")
-    return draw_legend(overlay, caption)
+    return draw_legend(overlay, caption) if legend else overlay
 
 
 def draw_legend(overlay: Image.Image, caption: str | None) -> Image.Image:
-    """A translucent band along the bottom of `overlay`: the caption, and the 'jet' colour bar from "less" to
-    "more" important."""
+    """A darkened band along the bottom of `overlay` holding `caption` and the colour scale ('jet', from "less"
+    to "more" important)."""
     from matplotlib import colormaps
     from PIL import ImageDraw, ImageFont
 
     w, h = overlay.size
     band = max(18, h // 9)
-    font = ImageFont.load_default(size=max(9, band * 2 // 5))
-    out = overlay.convert("RGBA")
-    layer = Image.new("RGBA", out.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    draw.rectangle([0, h - band, w, h], fill=(0, 0, 0, 150))
-    pad, bar_w = band // 5, w // 3
+    pixels = np.asarray(overlay, dtype=np.float32).copy()
+    pixels[h - band:] *= 0.3
+    out = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(out)
+    pad, bar_w, bar_h = max(2, band // 8), w // 3, max(4, band // 3)
+    small = ImageFont.load_default(size=max(8, band // 4))
     ramp = (np.asarray(colormaps["jet"](np.linspace(0, 1, bar_w)))[:, :3] * 255).astype(np.uint8)
-    bar = Image.fromarray(np.repeat(ramp[None], max(4, band // 4), axis=0), "RGB")
-    bar_top = h - band + pad
-    layer.paste(bar, (w - bar_w - pad, bar_top))
-    draw.text((w - bar_w - pad, bar_top + bar.size[1] + 1), "less", fill="white", font=font)
-    draw.text((w - pad, bar_top + bar.size[1] + 1), "more", fill="white", font=font, anchor="ra")
+    left, top = w - bar_w - pad, h - band + pad
+    out.paste(Image.fromarray(np.repeat(ramp[None], bar_h, axis=0), "RGB"), (left, top))
+    draw.text((left, top + bar_h + 1), "less", fill="white", font=small)
+    draw.text((w - pad, top + bar_h + 1), "more important", fill="white", font=small, anchor="ra")
     if caption:
-        draw.text((pad, h - band / 2), caption, fill="white", font=font, anchor="lm")
-    return Image.alpha_composite(out, layer).convert("RGB")
+        draw.text((pad * 2, h - band / 2), caption, fill="white", font=ImageFont.load_default(size=max(9, band * 2 // 5)),
+                  anchor="lm")
+    return out
 
 
 def overlay_png(image: Image.Image, explanation: Explanation, pre: Preprocessing, size: int = 448) -> bytes:

@@ -10,7 +10,6 @@ copied there too, so that folder alone can be served or used with `predict`.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write, write_json
-from .checkpoint import EXPORT_INFO, ONNX_FILE, RUN_INFO, TORCHSCRIPT_FILE, load_run, weights_sha256
+from .checkpoint import EXPORT_INFO, ONNX_FILE, TORCHSCRIPT_FILE, copy_run_info, load_run, weights_sha256
 from .engine import OnnxEngine
 from .errors import PomonaError
 from .onnx_io import export_onnx
@@ -112,7 +111,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
                           opset if fmt == "onnx" else None, weights_sha256(run_dir, info))
     write_export_info(out_dir, result, info)
     if out_dir.resolve() != run_dir.resolve():
-        shutil.copy2(run_dir / RUN_INFO, out_dir / RUN_INFO)
+        copy_run_info(run_dir, out_dir)
     return result
 
 

@@ -155,8 +155,9 @@ def prepare_features(cfg: Config, bundle: DataBundle, cache_dir: str | Path, eng
                      run_dir: str | Path | None = None) -> tuple[FeatureSet, DataBundle]:
     """The cached features of `bundle` for `cfg`'s backbone, computing and saving them on a miss.
 
-    As full training does, the training fold is first balanced (`cfg.balance`; balance.json goes into `run_dir`)
-    and unreadable images are dropped; returns the features and that bundle.
+    As full training does, the training fold is first balanced (`cfg.balance`; balance.json goes into `run_dir`,
+    the images are cached next to it, or next to `cache_dir`) and unreadable images are dropped; returns the
+    features and that bundle.
     """
     cache_dir = Path(cache_dir)
     device = resolve_device(cfg.device)
@@ -166,7 +167,7 @@ def prepare_features(cfg: Config, bundle: DataBundle, cache_dir: str | Path, eng
     seed_everything(cfg.seed)  # as train_and_evaluate does: with --weights none, every worker gets one backbone
     backbone = create_backbone(cfg.model.name, cfg.model.weights, num_classes=0).eval()
     pre = resolve_preprocessing(backbone, cfg.model.img_size)
-    bundle, images = prepare_training_data(cfg, bundle, pre, Path(run_dir) if run_dir else None)
+    bundle, images = prepare_training_data(cfg, bundle, pre, Path(run_dir or cache_dir), write_info=bool(run_dir))
     views = views_for(cfg.train.tta)
     key = feature_key(cfg.model.name, backbone, pre, bundle, views)
     path = cache_dir / f"{cfg.model.name}-{key[:20]}.npz"

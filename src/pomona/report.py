@@ -160,6 +160,8 @@ def worst_misclassified(predictions: pd.DataFrame, n: int = 12) -> pd.DataFrame:
 def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title: str | None = None) -> Path:
     """Write `run_dir/report.html` from the files of a run (and its evaluation folder, default run_dir/eval)."""
     run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a pomona run folder (no config.json)")
     eval_dir = Path(eval_dir) if eval_dir else run_dir / "eval"
     parts: list[str] = []
 
@@ -252,10 +254,12 @@ def _read_json(path: Path) -> dict | None:
 
 def _summary(run_dir: Path, config: dict, metrics: dict | None) -> str:
     """Model, image size and date of the run, then the evaluation's scores."""
-    info = _read_json(run_dir / "run.json") or {}
+    from .checkpoint import RUN_INFO, read_run_info
+
+    info = read_run_info(run_dir) if (run_dir / RUN_INFO).is_file() else {}
     model = info.get("model", {}).get("name") or config.get("model", {}).get("name", "?")
     size = info.get("preprocessing", {}).get("input_size") or config.get("model", {}).get("img_size") or "?"
-    stamp = next((p for p in (run_dir / "run.json", run_dir / "config.json") if p.is_file()), None)
+    stamp = next((p for p in (run_dir / RUN_INFO, run_dir / "config.json") if p.is_file()), None)
     date = time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp.stat().st_mtime)) if stamp else "?"
     members = len(info.get("members", [])) > 1
     facts = [("model", model + (f" (ensemble of {len(info['members'])})" if members else "")),

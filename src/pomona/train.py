@@ -373,17 +373,17 @@ def check_images(bundle: DataBundle, images: DecodedImages, max_bad_fraction: fl
     return bundle.drop(bad)
 
 
-def prepare_training_data(cfg: Config, bundle: DataBundle, pre: Preprocessing, run_dir: Path | None,
-                          balance: bool = True, dist: DistContext = SINGLE) -> tuple[DataBundle, DecodedImages]:
+def prepare_training_data(cfg: Config, bundle: DataBundle, pre: Preprocessing, run_dir: Path, balance: bool = True,
+                          write_info: bool = True, dist: DistContext = SINGLE) -> tuple[DataBundle, DecodedImages]:
     """The training images of a split, as both paths use them: with `cfg.balance`, the generated images appended
-    to the training fold (rank 0 generates them once; the other ranks find them in the cache); then every image
-    decoded once, the unreadable ones dropped."""
+    to the training fold (rank 0 generates them once, the other ranks find them in the cache; balance.json goes
+    into `run_dir` when `write_info`); then every image decoded once, the unreadable ones dropped."""
     if balance and parse_mode(cfg.balance.mode)[0] != "off":
         if dist.is_main:
-            bundle = balance_bundle(bundle, cfg, Path(run_dir or "."), write_info=run_dir is not None)
+            bundle = balance_bundle(bundle, cfg, run_dir, write_info=write_info)
         dist.barrier()
         if not dist.is_main:
-            bundle = balance_bundle(bundle, cfg, Path(run_dir or "."), write_info=False)
+            bundle = balance_bundle(bundle, cfg, run_dir, write_info=False)
     images = DecodedImages(pre, cfg.data.max_pixels, cfg.data.cache_max_mb << 20, cfg.data.cache_images)
     return check_images(bundle, images, cfg.data.max_bad_fraction), images
 

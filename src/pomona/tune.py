@@ -153,7 +153,9 @@ class Objective:
                 write(f"trial {trial.number}: no confusion matrix ({type(e).__name__}: {e})")
         run.finish(state)
         if not self.keep_weights:
-            for name in ("model.safetensors", "last.pt"):
+            from .checkpoint import TRAINING_STATE, WEIGHTS
+
+            for name in (WEIGHTS, TRAINING_STATE):
                 (trial_dir / name).unlink(missing_ok=True)
 
     def _confusion_matrix(self, trial_dir: Path, fast: bool) -> Path | None:
@@ -167,9 +169,10 @@ class Objective:
                 return None
             y_true, y_pred = self.features.val_targets, np.load(trial_dir / "val_probs.npy").argmax(1)
         else:
-            if not (trial_dir / "model.safetensors").is_file():
+            from .checkpoint import RUN_INFO, load_run
+
+            if not (trial_dir / RUN_INFO).is_file():
                 return None
-            from .checkpoint import load_run
 
             frame = self.bundle.subset("val")
             preds = load_run(trial_dir, device=self.cfg.device, engine="torch").predict(frame["path"])
