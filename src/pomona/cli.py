@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, command in COMMANDS.items():
         doc = (command.settings.__doc__ or "").strip()
-        first = doc.split("\n\n")[0].split(". ")[0].rstrip(".")
+        first = " ".join(doc.split("\n\n")[0].split()).split(". ")[0].rstrip(".")
         where = sub
         if " " in name:  # "data fetch": a group of subcommands
             group, name = name.split(" ", 1)
@@ -429,8 +429,9 @@ def _set_flags(obj: Any, values: dict[str, Any], prefix: str) -> None:
 
 
 def parse(argv: list[str] | None = None) -> Invocation:
-    """Parse a command line into the settings of its subcommand: defaults <- config file <- flags.
-    Help, --version and usage errors exit here (status 0, 0 and 2), before anything heavy is imported."""
+    """Parse a command line into the settings of its subcommand: defaults (or the command's base config) <- config
+    file <- flags. Help, --version and usage errors exit here (status 0, 0 and 2) while argparse reads the line,
+    before anything heavy is imported; a bad value in a config file is a usage error too."""
     parser = build_parser()
     ns = parser.parse_args(argv)
     values = vars(ns)
@@ -491,14 +492,14 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: parse (help, --version and usage errors end here, at once), then make sure the malloc
-    setting is in force for the real work (re-running this command line once), then run."""
+    """Console entry point: parse the command line (help, --version and usage errors end here, at once); for a
+    real command make sure the malloc setting is in force (re-running this command line once); then resolve the
+    settings (config file, base config) and run."""
     from .runtime import reexec_with_malloc_tuning
 
-    invocation = parse(argv)
-    if not invocation.print_config:
+    if not getattr(build_parser().parse_args(argv), "print_config", None):
         reexec_with_malloc_tuning(os.environ)
-    sys.exit(execute(invocation))
+    sys.exit(execute(parse(argv)))
 
 
 __all__ = ["main", "run", "parse", "build_parser", "COMMANDS"]
