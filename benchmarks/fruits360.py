@@ -9,6 +9,7 @@ A random per-image split would score ~1.0 here and mean nothing: consecutive fra
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,5 +65,5 @@ def main() -> None:
                                     "s_per_epoch", "train_img_s"], out)
 
 if __name__ == "__main__":
-    reexec_with_malloc_tuning()
+    reexec_with_malloc_tuning(os.environ)
     main()

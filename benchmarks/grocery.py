@@ -10,6 +10,7 @@ reference, all measured in this one run. Target for the default recipe: macro-F1
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -62,5 +63,5 @@ def main() -> None:
                                     "seconds", "time_vs_ref", "train_img_s", "best_epoch"], out)
 
 if __name__ == "__main__":
-    reexec_with_malloc_tuning()
+    reexec_with_malloc_tuning(os.environ)
     main()

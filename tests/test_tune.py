@@ -182,3 +182,24 @@ def test_killed_tune_resumes_and_keeps_finished_trials(grocery_small, tmp_path):
     assert len(failed) <= 1 and len(study.trials) == 5 + len(failed)  # the killed trial, retried once
     assert not [t for t in study.trials if t.state in (optuna.trial.TrialState.RUNNING,
                                                       optuna.trial.TrialState.WAITING)]
+
+
+def test_a_worker_killed_right_after_claiming_a_trial_does_not_block_the_study(tmp_path):
+    """The claimed trial already has a heartbeat: when its worker dies before running it, the trial goes stale,
+    is failed and queued again, and the next worker finishes the study instead of waiting for it for ever."""
+    import threading
+
+    from pomona.config import Config, TuneConfig
+    from pomona.study import claim_trial, create_storage, open_study, run_worker
+
+    tcfg = TuneConfig(trials=2, storage=f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1)
+    storage = create_storage(tcfg.storage, tcfg.heartbeat)
+    study = open_study(storage, tcfg, Config(), {})
+    assert claim_trial(study, storage) is not None  # ... and the worker is killed here
+    time.sleep(2.5)  # longer than the grace period (twice the heartbeat)
+    worker = threading.Thread(target=run_worker, args=(study, storage, lambda trial: 0.5, 1, 0.1), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the worker waits for a trial nobody runs"
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2 and states.count(optuna.trial.TrialState.FAIL) == 1

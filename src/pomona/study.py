@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from .atomic import atomic_write, write_csv, write_json
@@ -59,8 +60,6 @@ def create_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
     """An RDB storage (SQLite file or PostgreSQL server) whose silent trials are failed and queued again."""
     if heartbeat < 1:
         raise ValueError("--heartbeat must be at least 1 second")
-    import sqlalchemy.exc
-
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(6):
         try:
@@ -109,10 +108,18 @@ def open_study(storage: optuna.storages.RDBStorage, tcfg: TuneConfig, cfg: Confi
 
 def claim_trial(study: optuna.Study, storage: optuna.storages.RDBStorage) -> tuple[optuna.Trial, int] | None:
     """Take one WAITING trial of the study for this worker, or None when none is left. The storage makes the
-    WAITING -> RUNNING change at most once per trial, so no two workers run the same trial."""
+    WAITING -> RUNNING change at most once per trial, so no two workers run the same trial.
+
+    The trial gets a heartbeat before it turns RUNNING: Optuna never counts a RUNNING trial without any heartbeat
+    as stale, so a worker killed between the two would otherwise leave it running for ever, and every later worker
+    waiting for it."""
     study_id = storage.get_study_id_from_name(study.study_name)
     for frozen in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+        try:
+            storage.record_heartbeat(trial_id)
+        except sqlalchemy.exc.IntegrityError:
+            pass  # another worker recorded the first one at the same moment: the trial has a heartbeat either way
         try:
             if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
                 return optuna.Trial(study, trial_id), trial_id
