@@ -17,7 +17,7 @@ LAYERS = [
     ["images", "index", "split", "data", "balance"],
     ["model", "preprocessing", "tta", "metrics"],
     ["onnx_io", "engine", "checkpoint"],
-    ["datasets", "distributed", "train", "features"],
+    ["datasets", "distributed", "extract", "train", "features", "selftrain", "cv"],
     ["predict", "report", "explain", "export", "serve"],
     ["study", "tune", "tracking", "ablate", "preview", "fetch"],
     ["cli", "__main__", "runtime", "__init__"],

@@ -173,7 +173,7 @@ def run_ablation(base: Config, out: str | Path, settings: AblationSettings, bund
             n_train = int((pd.read_csv(run_dir / "split.csv")["subset"] == "train").sum())
             runs.append(ArmRun(arm, seed, y_true, y_pred, seconds, n_train, str(run_dir)))
             print(f"ablation: {arm} seed {seed}: macro-F1 {macro_f1(y_true, y_pred):.3f}, {seconds:.0f} s "
-                  f"(best epoch {result.best_epoch + 1})", flush=True)
+                  f"(kept epoch {result.kept_epoch + 1})", flush=True)
     preds = {arm: [r.y_pred for r in runs if r.arm == arm] for arm in settings.arms}
     stats = bootstrap_arms(y_true, preds, "none" if "none" in preds else None, settings.n_boot)
     rows = []

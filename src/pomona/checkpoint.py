@@ -40,6 +40,7 @@ from .tta import average_probs, views_for
 RUN_INFO = "run.json"
 WEIGHTS = "model.safetensors"
 TRAINING_STATE = "last.pt"
+PROBE_WEIGHTS = "probe.safetensors"
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 EXPORT_INFO = "export.json"
@@ -57,6 +58,11 @@ def save_weights(path: str | Path, module: nn.Module) -> Path:
     return atomic_write(path, lambda tmp: save_file(state, tmp))
 
 
+def load_weights(path: str | Path) -> dict:
+    """Weights written by `save_weights` (safetensors: no code can hide in them)."""
+    return load_file(str(path))
+
+
 def save_run(run_dir: str | Path, models: nn.Module | Sequence[nn.Module], classes: list[str],
              pre: Preprocessing, model_settings: dict, config: dict, extra: dict | None = None,
              temperature: float = 1.0) -> Path:
@@ -69,6 +75,25 @@ def save_run(run_dir: str | Path, models: nn.Module | Sequence[nn.Module], class
         save_weights(run_dir / name, model)
     info = {"classes": list(classes), "preprocessing": pre.to_dict(), "model": model_settings, "config": config,
             "members": members, "temperature": float(temperature), **(extra or {})}
+    return write_json(run_dir / RUN_INFO, info)
+
+
+def save_ensemble(run_dir: str | Path, member_dirs: Sequence[str | Path], temperature: float = 1.0,
+                  extra: dict | None = None) -> Path:
+    """run.json of an ensemble whose members are finished runs below `run_dir` (e.g. the fold runs of a
+    cross-validation): their weights, averaged, at `temperature`. The members must agree on classes,
+    preprocessing and network."""
+    run_dir = Path(run_dir)
+    infos = [read_run_info(d) for d in member_dirs]
+    first = infos[0]
+    for d, info in zip(member_dirs, infos):
+        for key in ("classes", "preprocessing", "model"):
+            if info[key] != first[key]:
+                raise ValueError(f"ensemble member {d} has other {key} than {member_dirs[0]}")
+    members = [str((Path(d) / m).relative_to(run_dir)) for d, info in zip(member_dirs, infos)
+               for m in info["members"]]
+    info = {"classes": first["classes"], "preprocessing": first["preprocessing"], "model": first["model"],
+            "config": first["config"], "members": members, "temperature": float(temperature), **(extra or {})}
     return write_json(run_dir / RUN_INFO, info)
 
 

@@ -44,19 +44,65 @@ def train(s: TrainCommand) -> int:
     else:
         run_dir = Path(s.out)
     cfg = s.config
+    if s.folds:
+        return _train_folds(s, run_dir)
     dist = init_distributed(os.environ, cfg.device)  # several processes when started by torchrun
     try:
-        result = train_and_evaluate(cfg, run_dir, resume=bool(s.resume), dist=dist)
+        if cfg.data.unlabeled and not s.resume:
+            result = _self_train(cfg, run_dir, dist)
+        else:
+            result = train_and_evaluate(cfg, run_dir, resume=bool(s.resume), dist=dist)
     finally:
         shutdown_distributed(dist)
     if not dist.is_main:
         return 0
-    print(f"best validation macro-F1 {result.best_macro_f1:.3f} at epoch {result.best_epoch + 1}; "
-          f"{result.seconds:.0f} s; run folder {result.run_dir}")
+    kept = "best" if cfg.train.keep == "best" else "last"
+    print(f"kept the {kept} epoch ({result.kept_epoch + 1}): validation macro-F1 {result.kept_macro_f1:.3f}"
+          f"{' (selected on these photos)' if kept == 'best' else ''}; {result.seconds:.0f} s; run folder "
+          f"{result.run_dir}")
     if result.bad_images:
         print(f"{len(result.bad_images)} unreadable image(s) skipped, listed in {result.run_dir}/bad_images.json")
     _evaluate_and_report(result.run_dir, None, result.run_dir / "eval", EvaluateCommand(run=str(run_dir),
                                                                                       device=cfg.device))
+    return 0
+
+
+def _self_train(cfg: Config, run_dir: Path, dist):
+    """`train --unlabeled DIR` without folds: a teacher, then students on the confident pseudo-labels."""
+    from .data import prepare_data
+    from .selftrain import index_unlabeled, self_train
+    from .train import train_and_evaluate
+
+    if dist.enabled:
+        raise UsageError("--unlabeled runs in one process (not under torchrun)")
+    bundle = prepare_data(cfg.data, cfg.seed)
+    unlabeled = index_unlabeled(cfg.data.unlabeled, bundle.table["path"])
+    return self_train(lambda b, folder: train_and_evaluate(cfg, folder, bundle=b), bundle, unlabeled, run_dir,
+                      cfg.train.pseudo_threshold, cfg.train.self_train_rounds, cfg.device)
+
+
+def _train_folds(s: TrainCommand, run_dir: Path) -> int:
+    """`train --folds K`: cross-validation, out-of-fold scores and the fold models' ensemble."""
+    import json
+
+    from .cv import train_folds
+    from .metrics import format_metrics
+    from .report import build_report
+
+    if s.resume:
+        raise UsageError("--resume continues one model's training; a --folds run is not resumable (run it again)")
+    if "LOCAL_RANK" in os.environ:
+        raise UsageError("--folds runs in one process (not under torchrun)")
+    result = train_folds(s.config, run_dir, s.folds, s.repeats)
+    cv = result.cv
+    lo, hi = cv["oof_macro_f1_ci95"]
+    print(format_metrics(json.loads((run_dir / "eval" / "metrics.json").read_text())))
+    print(f"{cv['folds']}-fold cross-validation" + (f" x {cv['repeats']}" if cv["repeats"] > 1 else "") +
+          f": out-of-fold macro-F1 {cv['oof_macro_f1']:.3f} (95% CI {lo:.3f}-{hi:.3f}, over {cv['ci_over']}) on "
+          f"{cv['n_photos']} photos; temperature {cv['temperature']:.2f} (ECE {cv['ece_before']:.3f} -> "
+          f"{cv['ece_after']:.3f}); {cv['seconds']:.0f} s")
+    print(f"wrote {run_dir}/oof.csv, cv.json, eval/ and {build_report(run_dir, run_dir / 'eval')}; the run is the "
+          f"ensemble of the {len(cv['per_fold'])} fold models")
     return 0
 
 

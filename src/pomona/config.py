@@ -56,6 +56,10 @@ class DataConfig(InputConfig):
     holdout: Literal["random", "last"] = "random"
     """Which groups go to validation: 'random' (seeded draw per class) or 'last' (the groups that sort last,
     e.g. the last filming pass)."""
+    unlabeled: str | None = None
+    """Folder of unlabelled photos (sub-folders are searched too) for self-training: the trained model labels them,
+    the confident ones join the training fold of a second model trained the same way (--pseudo-threshold). It
+    must not hold photos of the labelled data."""
     train_every_nth: int = 1
     """Keep every Nth training image of each group (in file-name order): consecutive video frames are
     near-duplicates, so thinning them costs little accuracy and saves time. Validation is never thinned."""
@@ -67,6 +71,9 @@ class DataConfig(InputConfig):
     """Decode each image once per run and keep it (resized) in memory."""
     cache_max_mb: int = 4096
     """Upper bound of the decoded-image cache; images past it are decoded on the fly."""
+    cache_side: int = 0
+    """Shorter side (pixels) at which decoded training photos are kept: larger photos are shrunk to it, smaller
+    ones kept as they are; 0 = twice the model's resize size, so that small random crops keep their detail."""
     num_workers: int = 0
     """Data-loader worker processes (0 = decode and augment in the main process)."""
 
@@ -84,7 +91,7 @@ class ModelConfig:
     """Hidden width of the head Linear->ReLU->Dropout->Linear; 0 gives a plain linear head."""
     dropout: float = 0.3
     """Dropout in the head."""
-    img_size: int | None = 320
+    img_size: int | None = 224
     """Square input size in pixels (None = the model's pretrained size)."""
     freeze_backbone: bool = False
     """Train only the head, as the original system did (otherwise fine-tune after --frozen-epochs)."""
@@ -112,8 +119,29 @@ class TrainConfig:
     """Learning-rate schedule (cosine with linear warm-up, one-cycle, or constant)."""
     warmup_epochs: float = 1.0
     """Linear learning-rate warm-up (cosine schedule), in epochs."""
-    frozen_epochs: int = 2
-    """Head-only epochs before the backbone is unfrozen (ignored with --freeze-backbone)."""
+    frozen_epochs: int = 0
+    """Head-only epochs (on augmented images) before the backbone is unfrozen (ignored with --freeze-backbone)."""
+    head_init: Literal["probe", "random"] = "probe"
+    """How the head starts when the backbone is fine-tuned: 'probe' first trains it on the frozen backbone's
+    features of the training photos (a linear probe, then fine-tuning: LP-FT, which changes the pretrained
+    features less), 'random' starts fine-tuning from a random head."""
+    probe_epochs: int = 40
+    """Epochs of the probe that initialises the head (--head-init probe); seconds, on cached features."""
+    freeze_bn: bool = True
+    """Keep the backbone's batch-norm statistics at their pretrained values while fine-tuning (batch-norm layers
+    in eval mode): re-estimating them from small batches of augmented crops of a few hundred photos is what
+    made fine-tuned models fail on photos from other sources."""
+    wise_alpha: float = 1.0
+    """WiSE-FT: keep (1 - alpha) * probe weights + alpha * fine-tuned weights (needs --head-init probe);
+    1 = the fine-tuned weights."""
+    keep: Literal["last", "best"] = "last"
+    """Which epoch's weights the run keeps: 'last' (no choice looks at the validation photos, so their score is
+    a held-out score) or 'best' (highest validation macro-F1: that score is then selected on those photos)."""
+    pseudo_threshold: float = 0.8
+    """Self-training (--unlabeled): smallest probability at which an unlabelled photo keeps its predicted label;
+    per class at most as many as the class has labelled training photos, the most confident first."""
+    self_train_rounds: int = 1
+    """Self-training (--unlabeled): how many times a model labels the unlabelled photos for the next one."""
     label_smoothing: float = 0.1
     """Label smoothing of the cross-entropy loss."""
     class_weighted_loss: bool = False
@@ -121,8 +149,8 @@ class TrainConfig:
     weighted_sampler: bool = False
     """Draw training images with probability inversely proportional to their class size (with replacement),
     so every class is seen about equally often per epoch."""
-    patience: int = 6
-    """Stop after this many epochs without a better validation macro-F1 (0 = never)."""
+    patience: int = 0
+    """With --keep best: stop after this many epochs without a better validation macro-F1 (0 = never)."""
     augment: bool = True
     """Random crops, flips and rotations during training; --no-augment trains on the evaluation preprocessing,
     as the frozen-feature fast path of `pomona tune` does."""
@@ -132,8 +160,23 @@ class TrainConfig:
     """Probability of a top-bottom flip during training."""
     rotate: float = 30.0
     """Maximum random rotation in degrees during training."""
-    crop_scale: float = 0.35
-    """Smallest area fraction kept by the random resized crop."""
+    crop_scale: float = 0.05
+    """Smallest area fraction kept by the random resized crop: small crops show single apples, so the model
+    learns the fruit rather than the shelf it lies on."""
+    photometric: float = 0.0
+    """Probability of a random change of exposure and contrast (+-30%) that keeps each pixel's hue, as photos
+    from other cameras and light differ (--white-balance, --blur, --jpeg and --noise add more)."""
+    white_balance: float = 0.0
+    """Largest relative change of a colour channel's gain (e.g. 0.05) in the photometric change; small, since
+    colour tells varieties apart."""
+    blur: float = 0.0
+    """Probability of a Gaussian blur (sigma 0.1-1.5) during training."""
+    jpeg: float = 0.0
+    """Probability of re-encoding the training crop as JPEG (quality 30-90)."""
+    noise: float = 0.0
+    """Probability of adding Gaussian pixel noise (up to 3% of the range)."""
+    random_erasing: float = 0.0
+    """Probability of erasing a random rectangle (2-25% of the crop): the model cannot rely on one spot."""
     colour_jitter: float = field(default=0.0, metadata={"aliases": ["color_jitter"]})
     """Brightness/contrast jitter strength; 0 by default because colour tells varieties apart."""
     rot90: float = 0.0
@@ -142,9 +185,9 @@ class TrainConfig:
     elastic: float = 0.0
     """Strength (alpha of torchvision's ElasticTransform, sigma 5; try 20-50) of a random elastic distortion
     during training, the online cousin of Augmentor's random_distortion; 0 = off."""
-    ema_epochs: float = 2.0
+    ema_epochs: float = 0.0
     """Evaluate and keep an exponential moving average of the weights over roughly this many recent epochs
-    (0 = off); steadies the result on small data."""
+    (0 = off)."""
     tta: bool = True
     """Average predictions over the image and its left-right flip at validation and test time."""
 
@@ -329,6 +372,13 @@ class TrainCommand:
     """Continue the interrupted run in RUN from its last epoch, with its own settings."""
     from_study: str | None = field(default=None, metadata={"metavar": "TUNE_RUN"})
     """Start from the best trial's settings of a `pomona tune` folder (flags still override)."""
+    folds: int = 0
+    """K-fold cross-validation over all labelled photos (--data, and --val-data if given): K models, each trained
+    on K-1 folds, predict the fold they never saw (oof.csv, cv.json) and together form the run's ensemble
+    (their probabilities are averaged); 0 = one model on one split. Stratified, and group-aware with
+    --group-by."""
+    repeats: int = 1
+    """With --folds: repeat the K-fold split with this many different seeds (K x repeats models)."""
     config: Config = field(default_factory=Config)
 
 

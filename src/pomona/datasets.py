@@ -9,20 +9,23 @@ import torch
 from torch.utils.data import Dataset
 
 from .images import BadImageError, load_image
-from .preprocessing import Preprocessing, create_resize
+from .preprocessing import Preprocessing, create_resize, create_shrink
 from .progress import Progress
 
 
 class DecodedImages:
-    """Decodes each photo once and keeps the resized uint8 tensor in memory, up to `max_bytes`.
+    """Decodes each photo once and keeps the uint8 tensor in memory, up to `max_bytes`.
 
-    Images past the bound are decoded again whenever asked for, so memory stays bounded on any data size.
-    Unreadable files are remembered in `bad` (path -> reason).
+    Without `max_side` a photo is kept resized to the model's resize size (shorter side `pre.resize_size`, what
+    evaluation crops from). With `max_side`, it is kept as it is when its shorter side is at most `max_side`,
+    else shrunk to that: random crops of a small part of the photo then keep their detail, and the evaluation
+    transform resizes it as prediction does. Images past the bound are decoded again whenever asked for, so
+    memory stays bounded on any data size. Unreadable files are remembered in `bad` (path -> reason).
     """
 
     def __init__(self, pre: Preprocessing, max_pixels: int = 64_000_000, max_bytes: int = 4 << 30,
-                 enabled: bool = True):
-        self.resize = create_resize(pre)
+                 enabled: bool = True, max_side: int | None = None):
+        self.resize = create_resize(pre) if not max_side else create_shrink(pre, max_side)
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes if enabled else 0
         self.cache: dict[str, torch.Tensor] = {}

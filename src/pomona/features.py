@@ -38,9 +38,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from .atomic import atomic_write
 from .config import Config
 from .data import DataBundle
-from .datasets import DecodedImages, ImageDataset
+from .datasets import DecodedImages
+from .extract import create_extractor, extract_features, resolve_engine
 from .model import AppleNet, create_backbone, create_model, resolve_device
-from .onnx_io import export_onnx, onnx_session, onnxruntime_available
 from .preprocessing import Preprocessing, create_eval_transform, resolve_preprocessing
 from .progress import Progress, write
 from .train import (Callback, TrainResult, create_loss, create_train_loader, fit, prepare_training_data, score_probs,
@@ -78,15 +78,6 @@ class FeatureTrainResult(TrainResult):
     val_probs: np.ndarray | None = field(default=None)
 
 
-def resolve_engine(engine: str, device: torch.device) -> str:
-    """auto -> onnx on CPU when onnxruntime is installed, else torch."""
-    if engine not in ("auto", "onnx", "torch"):
-        raise ValueError(f"unknown feature engine {engine!r}: auto, onnx or torch")
-    if engine == "auto":
-        return "onnx" if device.type == "cpu" and onnxruntime_available() else "torch"
-    return engine
-
-
 def _file_signature(path: str) -> list:
     st = os.stat(path)
     return [path, st.st_size, st.st_mtime_ns]
@@ -105,38 +96,6 @@ def feature_key(model_name: str, backbone: nn.Module, pre: Preprocessing, bundle
         frame = bundle.subset(subset)
         h.update(json.dumps([subset, [_file_signature(p) for p in frame["path"]], list(frame["label"])]).encode())
     return h.hexdigest()
-
-
-def create_extractor(backbone: nn.Module, pre: Preprocessing, engine: str, device: torch.device,
-                     workdir: Path) -> tuple[Callable[[torch.Tensor], np.ndarray], str]:
-    """A function batch -> pooled features, on ONNX Runtime (exported once) or PyTorch; falls back to PyTorch,
-    with a message, when the ONNX export or session fails."""
-    backbone = backbone.eval()
-    if engine == "onnx":
-        try:
-            path = export_onnx(backbone.cpu(), torch.zeros(2, 3, pre.input_size, pre.input_size),
-                               workdir / "backbone.onnx", input_name="x", output_name="features")
-            session = onnx_session(path)
-            return (lambda x: session.run(None, {"x": x.numpy()})[0]), "onnx"
-        except Exception as e:  # exporter and runtime raise many types
-            write(f"ONNX Runtime unavailable for this backbone ({type(e).__name__}: {str(e)[:200]}); using PyTorch")
-    model = backbone.to(device).to(memory_format=torch.channels_last)
-
-    @torch.inference_mode()
-    def run(x: torch.Tensor) -> np.ndarray:
-        return model(x.to(device).contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
-
-    return run, "torch"
-
-
-def extract_features(extract: Callable[[torch.Tensor], np.ndarray], paths: list[str], images: DecodedImages,
-                     pre: Preprocessing, batch_size: int = 32, view: str = "identity", desc: str = "features",
-                     ) -> np.ndarray:
-    """Features of `paths` under the validation preprocessing, seen through a test-time `view`."""
-    loader = DataLoader(ImageDataset(paths, None, images, create_eval_transform(pre)), batch_size=batch_size)
-    out = [extract(apply_view(x, view).contiguous()) for x, _ in Progress(loader, desc=desc, unit="batch",
-                                                                           count=lambda batch: len(batch[1]))]
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
 
 
 @contextmanager
@@ -245,7 +204,7 @@ def train_head_on_features(cfg: Config, features: FeatureSet, callbacks: Iterabl
         latest["probs"] = predict_feature_probs(scored.head, features.val_views, views, device)
         return score_probs(latest["probs"], features.val_targets)
 
-    def save_best(epoch: int, scored: nn.Module, metrics: dict) -> None:
+    def save_model(epoch: int, scored: nn.Module, metrics: dict) -> None:
         latest["best"] = latest["probs"]
         if run_dir is not None:
             atomic_write(run_dir / "val_probs.npy", lambda tmp: _save_npy(tmp, latest["best"]))
@@ -253,7 +212,7 @@ def train_head_on_features(cfg: Config, features: FeatureSet, callbacks: Iterabl
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
     result = fit(model, loader, validate, cfg, loss_fn, device, run_dir=run_dir, callbacks=callbacks,
-                 save_best=save_best, channels_last=False, start_time=start_time, quiet=True)
+                 save_model=save_model, channels_last=False, start_time=start_time, quiet=True)
     return FeatureTrainResult(run_dir or Path("."), result.best["epoch"], result.best["val_macro_f1"], result.history,
                               seconds=result.seconds, val_probs=latest.get("best"))
 

@@ -27,20 +27,66 @@ def accuracy(y_true, y_pred) -> float:
 
 
 def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of macro-F1 (images resampled with replacement)."""
+                 level: float = 0.95, groups: Sequence | None = None) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of macro-F1: images resampled with replacement, or, with
+    `groups`, whole groups of near-duplicates (a cluster bootstrap, honest when photos come in groups)."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     n = len(y_true)
-    if n == 0:
+    if n == 0 or n_boot <= 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    scores = np.array([macro_f1(y_true[idx], y_pred[idx]) for idx in rng.integers(0, n, size=(n_boot, n))])
+    if groups is None:
+        draws = (idx for idx in rng.integers(0, n, size=(n_boot, n)))
+    else:
+        _, codes = np.unique(np.asarray(groups), return_inverse=True)
+        members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
+        draws = (np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+                 for _ in range(n_boot))
+    scores = np.array([macro_f1(y_true[idx], y_pred[idx]) for idx in draws])
     alpha = (1 - level) / 2
     return float(np.quantile(scores, alpha)), float(np.quantile(scores, 1 - alpha))
 
 
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE: the photo-weighted mean, over `bins` equal-width bins of the top probability, of |accuracy -
+    confidence| in the bin (0 = a top probability of 0.8 is right 80% of the time)."""
+    probs, y = np.asarray(probs), np.asarray(y)
+    if not len(y):
+        return float("nan")
+    confidence, correct = probs.max(1), probs.argmax(1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    return float(sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * np.mean(which == b)
+                     for b in range(bins) if np.any(which == b)))
+
+
+def apply_temperature(view_probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities at a temperature, from those at temperature 1 (views x photos x classes, or photos x
+    classes): softmax(log p / T) for each view (= softmax(logits / T)), then the mean over views, as prediction
+    averages its test-time views."""
+    p = np.asarray(view_probs, dtype=np.float64)
+    p = p[None] if p.ndim == 2 else p
+    z = np.log(np.clip(p, 1e-12, None)) / temperature
+    z -= z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(-1, keepdims=True)).mean(0)
+
+
+def fit_temperature(view_probs: np.ndarray, y: np.ndarray) -> float:
+    """The temperature (0.05-20) that minimises the negative log-likelihood of `y` under `apply_temperature`."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y)
+
+    def nll(log_t: float) -> float:
+        p = apply_temperature(view_probs, float(np.exp(log_t)))
+        return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
+
+    return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
+
+
 def compute_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str], n_boot: int = 2000,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, groups: Sequence | None = None) -> dict:
     """The metrics.json payload: macro_f1, macro_f1_ci95, accuracy, n, per_class, confusion_matrix."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     labels = list(range(len(classes)))
@@ -48,7 +94,7 @@ def compute_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes: Seque
     # a class with no photos here has no recall and no F1 (None, "n/a"), rather than a misleading 0
     per_class = {c: {"precision": float(p[i]), "recall": float(r[i]) if s[i] else None,
                      "f1": float(f[i]) if s[i] else None, "support": int(s[i])} for i, c in enumerate(classes)}
-    lo, hi = bootstrap_ci(y_true, y_pred, n_boot, seed)
+    lo, hi = bootstrap_ci(y_true, y_pred, n_boot, seed, groups=groups)
     return {"macro_f1": macro_f1(y_true, y_pred), "macro_f1_ci95": [lo, hi], "accuracy": accuracy(y_true, y_pred),
             "n": int(len(y_true)), "per_class": per_class, "classes": list(classes),
             "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist()}

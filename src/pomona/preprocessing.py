@@ -97,9 +97,24 @@ def create_resize(pre: Preprocessing) -> Callable:
                                                   antialias=True)])
 
 
+def create_shrink(pre: Preprocessing, max_side: int) -> Callable:
+    """PIL image -> uint8 tensor, shrunk (never enlarged) so that its shorter side is at most `max_side`."""
+    to_tensor, interpolation = T.PILToTensor(), _INTERPOLATION[pre.interpolation]
+
+    def shrink(image) -> torch.Tensor:
+        x = to_tensor(image)
+        if min(x.shape[-2:]) > max_side:
+            x = T.functional.resize(x, max_side, interpolation=interpolation, antialias=True)
+        return x
+
+    return shrink
+
+
 def create_eval_transform(pre: Preprocessing) -> Callable:
-    """Resized uint8 tensor -> centre-cropped, normalised float tensor (the numpy twin: `create_eval_transform_np`)."""
-    return T.Compose([T.CenterCrop(pre.input_size), Normalize(pre)])
+    """Decoded uint8 tensor -> resized (shorter side `resize_size`; nothing to do when the cache already holds
+    it at that size), centre-cropped, normalised float tensor (the numpy twin: `create_eval_transform_np`)."""
+    return T.Compose([T.Resize(pre.resize_size, interpolation=_INTERPOLATION[pre.interpolation], antialias=True),
+                      T.CenterCrop(pre.input_size), Normalize(pre)])
 
 
 def create_eval_transform_np(pre: Preprocessing) -> Callable:
@@ -130,6 +145,49 @@ class RandomQuarterTurn(torch.nn.Module):
         return torch.rot90(x, int(torch.randint(1, 4, ())), dims=(-2, -1))
 
 
+class Photometric(torch.nn.Module):
+    """Random changes of exposure and contrast (each pixel's hue is kept: every channel is scaled, or moved
+    towards one grey level, alike; only clipping at white or black can shift it), mild white balance (`white_balance`: largest relative gain change per
+    channel), Gaussian blur and pixel noise, as photos from other cameras and light differ. uint8 or float
+    (0-255) CHW in, float32 (0-255) out."""
+
+    def __init__(self, p: float, white_balance: float = 0.0, blur: float = 0.0, noise: float = 0.0,
+                 strength: float = 0.3):
+        super().__init__()
+        self.p, self.white_balance, self.blur, self.noise, self.strength = p, white_balance, blur, noise, strength
+        self._blur = T.GaussianBlur(5, sigma=(0.1, 1.5))
+
+    def _uniform(self, *shape) -> torch.Tensor:
+        return torch.rand(shape) * 2 - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32) / 255.0
+        if self.p > 0 and torch.rand(()) < self.p:
+            exposure = 1 + self._uniform() * self.strength
+            contrast = 1 + self._uniform() * self.strength
+            grey = x.mean()
+            x = (((x - grey) * contrast + grey) * exposure).clamp(0, 1)
+        if self.white_balance > 0 and torch.rand(()) < 0.5:
+            x = (x * (1 + self._uniform(3) * self.white_balance)[:, None, None]).clamp(0, 1)
+        if self.blur > 0 and torch.rand(()) < self.blur:
+            x = self._blur(x)
+        if self.noise > 0 and torch.rand(()) < self.noise:
+            x = (x + torch.randn_like(x) * 0.03 * torch.rand(())).clamp(0, 1)
+        return x * 255.0
+
+
+class RandomJPEG(torch.nn.Module):
+    """With probability `p`, re-encode a uint8 image as JPEG at a random quality in 30-90."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self._jpeg = T.JPEG((30, 90))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._jpeg(x) if torch.rand(()) < self.p else x
+
+
 def create_train_transform(pre: Preprocessing, t: "TrainConfig", normalize: bool = True) -> Callable:
     """Resized uint8 tensor -> augmented input: the random resized crop, flips, quarter turns, elastic distortion
     and rotation of the training settings `t`, colour jitter only when asked; without `t.augment`, the
@@ -148,8 +206,16 @@ def create_train_transform(pre: Preprocessing, t: "TrainConfig", normalize: bool
         ops.append(T.ElasticTransform(alpha=float(t.elastic), sigma=5.0))
     if t.rotate > 0:
         ops.append(T.RandomRotation(t.rotate, interpolation=T.InterpolationMode.BILINEAR))
+    if t.jpeg > 0:
+        ops.append(RandomJPEG(t.jpeg))
+    if t.photometric > 0 or t.white_balance > 0 or t.blur > 0 or t.noise > 0:
+        ops.append(Photometric(t.photometric, t.white_balance, t.blur, t.noise))
     if t.colour_jitter > 0:
         ops.append(T.ColorJitter(brightness=t.colour_jitter, contrast=t.colour_jitter))
     if normalize:
         ops.append(Normalize(pre))
+        if t.random_erasing > 0:
+            ops.append(T.RandomErasing(t.random_erasing, scale=(0.02, 0.25), value=0))
+    elif t.photometric > 0 or t.white_balance > 0 or t.blur > 0 or t.noise > 0:
+        ops.append(T.ToDtype(torch.uint8))
     return T.Compose(ops)

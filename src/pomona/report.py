@@ -264,8 +264,10 @@ def _summary(run_dir: Path, config: dict, metrics: dict | None) -> str:
     members = len(info.get("members", [])) > 1
     facts = [("model", model + (f" (ensemble of {len(info['members'])})" if members else "")),
              ("image size", f"{size} px"), ("date", date)]
-    if "best_epoch" in info:
-        facts.append(("best epoch", str(info["best_epoch"] + 1)))
+    kept = info.get("kept_epoch", info.get("best_epoch"))
+    if kept is not None:
+        how = "best by validation macro-F1" if info.get("keep", "best") == "best" else "the last"
+        facts.append(("kept epoch", f"{kept + 1} ({how})"))
     body = "<p>" + " &middot; ".join(f"{html.escape(k)}: <b>{html.escape(str(v))}</b>" for k, v in facts) + "</p>"
     if metrics:
         lo, hi = metrics["macro_f1_ci95"]

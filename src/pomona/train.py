@@ -19,6 +19,7 @@ Training never imports optuna or a tracker: they attach through `callbacks`, obj
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .atomic import write_csv, write_json
 from .balance import balance_training_fold, parse_mode
-from .checkpoint import TRAINING_STATE, load_training_state, save_run, save_training_state
+from .checkpoint import (PROBE_WEIGHTS, TRAINING_STATE, load_training_state, load_weights, save_run,
+                         save_training_state, save_weights)
 from .config import Config, TrainConfig
 from .data import DataBundle, load_split, prepare_data
 from .datasets import DecodedImages, ImageDataset
@@ -57,8 +59,10 @@ class TooManyBadImages(PomonaError, RuntimeError):
 @dataclass
 class TrainResult:
     run_dir: Path
-    best_epoch: int
-    best_macro_f1: float
+    kept_epoch: int
+    """The epoch whose weights the run kept (the last, or with --keep best the best by validation macro-F1)."""
+    kept_macro_f1: float
+    """That epoch's validation macro-F1."""
     history: list[dict] = field(default_factory=list)
     bad_images: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -181,10 +185,19 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def freeze_batch_norm(module: nn.Module) -> None:
+    """Put every batch-norm layer of `module` in eval mode: it normalises with its running statistics and keeps
+    them (its affine weights still train)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def train_one_epoch(model: AppleNet, loader: DataLoader, optimizer, scheduler, loss_fn: nn.Module,
                     device: torch.device, backbone_frozen: bool, channels_last: bool = True,
-                    desc: str = "train", ema=None, ddp: nn.Module | None = None) -> dict:
-    """One pass over `loader`; a frozen backbone stays in eval mode (its batch-norm statistics are kept).
+                    desc: str = "train", ema=None, ddp: nn.Module | None = None, freeze_bn: bool = False) -> dict:
+    """One pass over `loader`; a frozen backbone stays in eval mode (its batch-norm statistics are kept), and so
+    do the batch-norm layers of a fine-tuned one with `freeze_bn`.
 
     `ddp` is the DistributedDataParallel wrapper of `model` when training runs in several processes.
     """
@@ -192,6 +205,8 @@ def train_one_epoch(model: AppleNet, loader: DataLoader, optimizer, scheduler, l
     model.train()
     if backbone_frozen:
         model.backbone.eval()
+    elif freeze_bn:
+        freeze_batch_norm(model.backbone)
     model.set_backbone_trainable(not backbone_frozen)
     total_loss, seen, start = 0.0, 0, time.perf_counter()
     bar = Progress(loader, desc=desc, unit="batch", count=lambda batch: len(batch[1]), enabled=ddp is None)
@@ -250,7 +265,8 @@ def score_probs(probs: np.ndarray, y: np.ndarray) -> dict:
 class FitResult:
     history: list[dict]
     best: dict
-    """epoch, val_macro_f1 and val_loss of the best epoch (epoch -1 when no epoch ran)."""
+    """epoch, val_macro_f1 and val_loss of the kept epoch (the last, or the best with keep='best'; epoch -1 when
+    no epoch ran)."""
     seconds: float
 
 
@@ -264,7 +280,7 @@ def _wrap_ddp(model: AppleNet, device: torch.device) -> nn.Module:
 
 def fit(model: AppleNet, loader: DataLoader, validate_fn: Callable[[nn.Module], dict], cfg: Config,
         loss_fn: nn.Module, device: torch.device, *, run_dir: Path | None = None, callbacks: Iterable[Callback] = (),
-        save_best: Callable[[int, nn.Module, dict], None] | None = None,
+        save_model: Callable[[int, nn.Module, dict], None] | None = None,
         save_state: Callable[[dict], None] | None = None, state: dict | None = None,
         channels_last: bool = True, start_time: float | None = None, quiet: bool = False,
         dist: DistContext = SINGLE) -> FitResult:
@@ -273,11 +289,12 @@ def fit(model: AppleNet, loader: DataLoader, validate_fn: Callable[[nn.Module], 
     Every epoch: seed torch's generator and the loader's from the seed and the epoch (so epoch N draws the same
     data order, augmentation and dropout whether or not the run was interrupted before it); train, with the
     backbone frozen for the first `frozen_epochs` (always with `freeze_backbone`); score the EMA weights (or the
-    weights) with `validate_fn`; keep the best epoch (highest macro-F1, then lowest loss) and hand it to
-    `save_best`; write history.csv into `run_dir`; hand the resumable state to `save_state`; call the callbacks
-    (an exception from one stops the run: that is how a tuner prunes); stop after `patience` epochs without a
-    better one. `state` (a saved state) continues a run where it stopped. With several processes rank 0 alone
-    writes, saves and calls back.
+    weights) with `validate_fn`; write history.csv into `run_dir`; hand the resumable state to `save_state`;
+    call the callbacks (an exception from one stops the run: that is how a tuner prunes). The kept weights go to
+    `save_model`: those of the last epoch (`keep='last'`: nothing is chosen on the validation photos), or of the
+    best one (`keep='best'`: highest macro-F1, then lowest loss; training stops after `patience` epochs without
+    a better one). `state` (a saved state) continues a run where it stopped. With several processes rank 0
+    alone writes, saves and calls back.
     """
     t = cfg.train
     start_time = time.perf_counter() if start_time is None else start_time
@@ -308,7 +325,7 @@ def fit(model: AppleNet, loader: DataLoader, validate_fn: Callable[[nn.Module], 
             model.set_backbone_trainable(not frozen)
             ddp, ddp_frozen = _wrap_ddp(model, device), frozen
         metrics = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, device, frozen, channels_last,
-                                  desc=f"epoch {epoch + 1}/{t.epochs}", ema=ema, ddp=ddp)
+                                  desc=f"epoch {epoch + 1}/{t.epochs}", ema=ema, ddp=ddp, freeze_bn=t.freeze_bn)
         if dist.enabled:  # every rank's throughput adds up; the loss is averaged over ranks
             gathered = dist.all_gather((metrics["train_loss"], metrics["train_images_per_s"]))
             metrics["train_loss"] = float(np.mean([g[0] for g in gathered]))
@@ -319,14 +336,16 @@ def fit(model: AppleNet, loader: DataLoader, validate_fn: Callable[[nn.Module], 
                        elapsed_seconds=time.perf_counter() - start_time)
         history.append(metrics)
         improved = (metrics["val_macro_f1"], -metrics["val_loss"]) > (best["val_macro_f1"], -best["val_loss"])
+        if t.keep == "last":
+            improved = epoch == t.epochs - 1
         if improved:
             best = {"epoch": epoch, "val_macro_f1": metrics["val_macro_f1"], "val_loss": metrics["val_loss"]}
-            if dist.is_main and save_best is not None:
-                save_best(epoch, scored, metrics)
+            if dist.is_main and save_model is not None:
+                save_model(epoch, scored, metrics)
         say(f"epoch {epoch + 1}/{t.epochs}  loss {metrics['train_loss']:.3f}  val loss {metrics['val_loss']:.3f}  "
             f"val macro-F1 {metrics['val_macro_f1']:.3f}  acc {metrics['val_accuracy']:.3f}  "
-            f"{metrics['train_images_per_s']:.1f} img/s" + ("  *" if improved else ""))
-        stop = t.patience > 0 and epoch - best["epoch"] >= t.patience
+            f"{metrics['train_images_per_s']:.1f} img/s" + ("  *" if improved and t.keep == "best" else ""))
+        stop = t.keep == "best" and t.patience > 0 and epoch - best["epoch"] >= t.patience
         if dist.is_main:
             if run_dir is not None:
                 write_csv(Path(run_dir) / "history.csv", pd.DataFrame(history))
@@ -384,7 +403,8 @@ def prepare_training_data(cfg: Config, bundle: DataBundle, pre: Preprocessing, r
         dist.barrier()
         if not dist.is_main:
             bundle = balance_bundle(bundle, cfg, run_dir, write_info=False)
-    images = DecodedImages(pre, cfg.data.max_pixels, cfg.data.cache_max_mb << 20, cfg.data.cache_images)
+    max_side = (cfg.data.cache_side or 2 * pre.resize_size) if cfg.train.augment else None
+    images = DecodedImages(pre, cfg.data.max_pixels, cfg.data.cache_max_mb << 20, cfg.data.cache_images, max_side)
     return check_images(bundle, images, cfg.data.max_bad_fraction), images
 
 
@@ -393,13 +413,67 @@ def model_settings(cfg: Config) -> dict:
     return {"name": cfg.model.name, "out_features": cfg.model.out_features, "dropout": cfg.model.dropout}
 
 
+def probe_head(model: AppleNet, bundle: DataBundle, images: DecodedImages, pre: Preprocessing, cfg: Config,
+               device: torch.device, dist: DistContext = SINGLE) -> dict:
+    """The linear-probe stage of LP-FT: train `model.head` on the frozen backbone's features of the training photos
+    (evaluation preprocessing, and their left-right flips) with the same epoch loop, loss and sampler as training,
+    for `probe_epochs`; the validation photos' features score each epoch. Returns the last epoch's metrics."""
+    from torch.utils.data import TensorDataset
+
+    from .extract import create_extractor, extract_features
+
+    t = cfg.train
+    extract, _ = create_extractor(model.backbone, pre, "torch", device, Path("."))
+    train_frame, val_frame = bundle.subset("train"), bundle.subset("val")
+    paths, targets = list(train_frame["path"]), bundle.targets(train_frame)
+    rows = np.concatenate([extract_features(extract, paths, images, pre, view=v, desc=f"probe features ({v})")
+                           for v in ("identity", "hflip")])
+    rows_targets = targets * 2
+    views = views_for(t.tta)
+    val = {v: torch.from_numpy(extract_features(extract, list(val_frame["path"]), images, pre, view=v,
+                                                desc=f"probe features, validation ({v})")) for v in views}
+    val_targets = np.asarray(bundle.targets(val_frame), np.int64)
+    probe = AppleNet(nn.Identity(), model.head)
+    probe_cfg = Config.from_dict({**cfg.to_dict(), "train": {**cfg.train.__dict__, "epochs": t.probe_epochs,
+                                                               "ema_epochs": 0.0, "frozen_epochs": 0, "keep": "last"}})
+    probe_cfg.model.freeze_backbone = True
+    loader = create_train_loader(TensorDataset(torch.from_numpy(rows), torch.tensor(rows_targets)), rows_targets,
+                                 len(bundle.classes), probe_cfg.train, cfg.seed)
+    loss_fn = create_loss(t, rows_targets, len(bundle.classes)).to(device)
+
+    @torch.inference_mode()
+    def validate_probe(scored: nn.Module) -> dict:
+        if not len(val_targets):
+            return {"val_loss": float("nan"), "val_macro_f1": float("nan"), "val_accuracy": float("nan")}
+        scored.eval()
+        probs = average_probs(lambda v: scored.head(val[v].to(device)).float().softmax(-1), None, views,
+                              view=lambda _, v: v)
+        return score_probs(probs.cpu().numpy(), val_targets)
+
+    result = fit(probe, loader, validate_probe, probe_cfg, loss_fn, device, channels_last=False, quiet=True,
+                 dist=SINGLE)
+    last = result.history[-1] if result.history else {}
+    if dist.is_main and last:
+        write(f"probe ({t.probe_epochs} epochs on frozen features): val macro-F1 {last['val_macro_f1']:.3f}")
+    return last
+
+
+def interpolate_weights(start: dict, end: dict, alpha: float) -> dict:
+    """WiSE-FT: (1 - alpha) * start + alpha * end for every floating-point tensor (others from `end`)."""
+    return {k: (start[k].to(v.device, torch.float32) * (1 - alpha) + v.float() * alpha).to(v.dtype)
+            if v.is_floating_point() else v for k, v in end.items()}
+
+
 def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Callback] = (),
                        bundle: DataBundle | None = None, resume: bool = False,
                        dist: DistContext = SINGLE) -> TrainResult:
-    """Train `cfg` into `run_dir`, keeping the best epoch by validation macro-F1; resume from last.pt if asked.
+    """Train `cfg` into `run_dir` and keep the last epoch (or, with `keep='best'`, the best by validation
+    macro-F1); resume from last.pt if asked.
 
-    Under torchrun (`dist` with several ranks) every rank trains on its share of each batch; rank 0 alone
-    writes files and calls `callbacks`.
+    When the backbone is fine-tuned with `head_init='probe'`, the head is first trained on the frozen backbone's
+    features (`probe_head`), and with `wise_alpha < 1` the kept weights are interpolated towards those of the
+    probe (WiSE-FT). Under torchrun (`dist` with several ranks) every rank trains on its share of each batch;
+    rank 0 alone writes files and calls `callbacks`.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -431,19 +505,40 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
             write_csv(run_dir / "split.csv", bundle.table)
         write_json(run_dir / "bad_images.json", images.bad)
 
-    train_loader, val_loader = create_loaders(bundle, images, pre, cfg, dist)
-    loss_fn = create_loss(cfg.train, bundle.targets(bundle.subset("train")), len(bundle.classes)).to(device)
-    views, channels_last = views_for(cfg.train.tta), cfg.model.channels_last
+    t = cfg.train
+    probed = not cfg.model.freeze_backbone and t.head_init == "probe"
+    extra: dict = {"keep": t.keep, "selected_on": "val" if t.keep == "best" else None,
+                   "world_size": dist.world_size}
+    if probed and state is None:
+        probe_metrics = probe_head(model, bundle, images, pre, cfg, device, dist)
+        extra["probe_val_macro_f1"] = probe_metrics.get("val_macro_f1")
+        if dist.is_main:
+            save_weights(run_dir / PROBE_WEIGHTS, model)
+    wise = probed and t.wise_alpha < 1.0
+    if wise:
+        dist.barrier()  # rank 0 has written the probe's weights
+    probe_state = load_weights(run_dir / PROBE_WEIGHTS) if wise else None
 
-    def save_best(epoch: int, scored: nn.Module, metrics: dict) -> None:
-        save_run(run_dir, scored, bundle.classes, pre, model_settings(cfg), cfg.to_dict(),
-                 {"best_epoch": epoch, "best_val_macro_f1": metrics["val_macro_f1"], "world_size": dist.world_size})
+    train_loader, val_loader = create_loaders(bundle, images, pre, cfg, dist)
+    loss_fn = create_loss(t, bundle.targets(bundle.subset("train")), len(bundle.classes)).to(device)
+    views, channels_last = views_for(t.tta), cfg.model.channels_last
+
+    def validate_model(m: nn.Module) -> dict:
+        return validate(m, val_loader, device, views, channels_last, dist)
+
+    def save_model(epoch: int, scored: nn.Module, metrics: dict) -> None:
+        info = {**extra, "kept_epoch": epoch, "val_macro_f1": metrics["val_macro_f1"]}
+        if wise:
+            scored = copy.deepcopy(scored)
+            scored.load_state_dict(interpolate_weights(probe_state, scored.state_dict(), t.wise_alpha))
+            info.update(wise_alpha=t.wise_alpha, val_macro_f1=validate_model(scored)["val_macro_f1"])
+        save_run(run_dir, scored, bundle.classes, pre, model_settings(cfg), cfg.to_dict(), info)
 
     def save_state(training_state: dict) -> None:
         save_training_state(run_dir / TRAINING_STATE, {**training_state, "classes": bundle.classes})
 
-    result = fit(model, train_loader, lambda m: validate(m, val_loader, device, views, channels_last, dist), cfg,
-                 loss_fn, device, run_dir=run_dir, callbacks=callbacks, save_best=save_best, save_state=save_state,
-                 state=state, channels_last=channels_last, start_time=start_time, dist=dist)
+    result = fit(model, train_loader, validate_model, cfg, loss_fn, device, run_dir=run_dir, callbacks=callbacks,
+                 save_model=save_model, save_state=save_state, state=state, channels_last=channels_last,
+                 start_time=start_time, dist=dist)
     return TrainResult(run_dir, result.best["epoch"], result.best["val_macro_f1"], result.history,
                        dict(images.bad), result.seconds)

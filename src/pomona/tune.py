@@ -134,7 +134,7 @@ class Objective:
         finally:
             self._finish(run, trial, trial_dir, fast, state, time.perf_counter() - start)
         self.last_result = result
-        return result.best_macro_f1
+        return result.kept_macro_f1
 
     def _finish(self, run, trial, trial_dir: Path, fast: bool, state: str, seconds: float) -> None:
         """Final metrics and the confusion matrix of the trial's best epoch to the tracker; drop big files."""
