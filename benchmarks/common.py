@@ -71,3 +71,35 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
+
+
+def frozen_features_cv(table: pd.DataFrame, fold: np.ndarray, transfer: pd.DataFrame,
+                       name: str = "tf_efficientnet_lite0") -> dict:
+    """The reference on a cross-validation: frozen ImageNet features at 224 px + logistic regression, trained on
+    each fold's other folds (out-of-fold macro-F1 with a bootstrap CI) and on all photos (macro-F1 on `transfer`,
+    another source's photos)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from pomona.metrics import bootstrap_ci
+
+    model = create_backbone(name, "package").eval().to(memory_format=torch.channels_last)
+    pre = resolve_preprocessing(model)
+    x, x_transfer = _features(model, pre, list(table["path"])), _features(model, pre, list(transfer["path"]))
+    labels = np.asarray(table["label"])
+    oof = np.empty(len(labels), dtype=object)
+
+    def fit(rows):
+        return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000)).fit(x[rows], labels[rows])
+
+    for k in np.unique(fold):
+        oof[fold == k] = fit(fold != k).predict(x[fold == k])
+    classes = sorted(set(labels))
+    y, y_oof = [classes.index(c) for c in labels], [classes.index(c) for c in oof]
+    pred = fit(np.ones(len(labels), bool)).predict(x_transfer)
+    yt, pt = [classes.index(c) for c in transfer["label"]], [classes.index(c) for c in pred]
+    lo, hi = bootstrap_ci(np.array(y), np.array(y_oof))
+    tlo, thi = bootstrap_ci(np.array(yt), np.array(pt))
+    return {"oof_f1": macro_f1(y, y_oof), "oof_ci": f"{lo:.2f}-{hi:.2f}", "transfer_f1": macro_f1(yt, pt),
+            "transfer_ci": f"{tlo:.2f}-{thi:.2f}"}

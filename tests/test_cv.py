@@ -132,3 +132,18 @@ def test_temperature_fit_recovers_overconfidence_and_lowers_ece():
     assert expected_calibration_error(apply_temperature(overconfident, t), y) < \
         expected_calibration_error(overconfident, y) / 2
     np.testing.assert_allclose(apply_temperature(overconfident, 1.0), overconfident, atol=1e-9)
+
+
+def test_answers_below_the_confidence_threshold_say_not_sure():
+    from pomona.engine import Predictions
+    from pomona.predict import format_predictions, predictions_json
+
+    preds = Predictions(["a.jpg", "b.jpg", "c.jpg"], np.array([[0.9, 0.05, 0.05], [0.45, 0.4, 0.15],
+                                                              [np.nan] * 3]), CLASSES, {"c.jpg": "not an image"})
+    assert preds.verdicts(0.6) == ["Golden-Delicious", "not sure: Golden-Delicious or Granny-Smith", ""]
+    records = predictions_json(preds, 3, 0.6)
+    assert records[0]["sure"] and not records[1]["sure"] and "sure" not in records[2]
+    assert records[1]["label"] == "Golden-Delicious"  # the label stays the most probable class
+    frame = preds.to_frame(3, 0.6)
+    assert frame["verdict"].tolist()[:2] == preds.verdicts(0.6)[:2] and frame["sure"].tolist() == [True, False, False]
+    assert "[not sure: Golden-Delicious or Granny-Smith]" in format_predictions(preds, None, 3, 0.6)

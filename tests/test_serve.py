@@ -41,6 +41,8 @@ def test_predict_returns_the_variety(server):
         assert body["label"] == variety
         assert [t["label"] for t in body["top"]][0] == variety and len(body["top"]) == 2
         assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert body["sure"] == (body["probability"] >= 0.6)  # the default --min-confidence
+        assert body["verdict"] == (variety if body["sure"] else f"not sure: {variety} or {body['top'][1]['label']}")
     raw = requests.post(server + "/predict", data=held_out_photo("Pink-Lady").read_bytes(),
                         headers={"Content-Type": "image/jpeg"}, timeout=60)  # the raw body works too
     assert raw.status_code == 200 and raw.json()["label"] == "Pink-Lady"

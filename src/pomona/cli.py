@@ -219,9 +219,10 @@ def predict(s: PredictCommand) -> int:
                                s.sample_submission)
         print(f"wrote {len(df)} predictions to {out}")
     elif s.out:
-        print(f"wrote {len(paths)} predictions to {write_predictions(preds, s.out, s.format, s.top_k)}")
+        written = write_predictions(preds, s.out, s.format, s.top_k, s.min_confidence)
+        print(f"wrote {len(paths)} predictions to {written}")
     else:
-        print(format_predictions(preds, s.format, s.top_k))
+        print(format_predictions(preds, s.format, s.top_k, s.min_confidence))
     if preds.bad:
         print(f"{len(preds.bad)} unreadable image(s) got no prediction:", file=sys.stderr)
         for p, why in list(preds.bad.items())[:10]:

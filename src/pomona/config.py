@@ -440,6 +440,9 @@ class PredictCommand(ScoringConfig):
     """Take the submission header from this CSV."""
     top_k: int = 3
     """Classes shown per photo."""
+    min_confidence: float = 0.6
+    """Below this top probability the answer is 'not sure: X or Y' (the `verdict` and `sure` columns; a
+    submission CSV still gets the most probable class); 0 = always sure."""
 
 
 @dataclass(kw_only=True)
@@ -492,6 +495,8 @@ class ServeCommand:
     """Most concurrent requests answered by one model call."""
     max_concurrency: int = 64
     """Open requests beyond this get 503 instead of queueing without bound."""
+    min_confidence: float = 0.6
+    """Below this top probability the answer says 'not sure: X or Y' (`sure: false` and `verdict` in the JSON)."""
     explain: bool = True
     """Serve Grad-CAM overlays (/explain; loads the PyTorch model too)."""
     cam_size: int = 448

@@ -29,6 +29,15 @@ class EngineError(PomonaError, RuntimeError):
     """The requested inference engine cannot be used for this run (missing or stale export, missing package)."""
 
 
+def verdict(probs: np.ndarray, classes: Sequence[str], min_confidence: float = 0.0) -> str:
+    """The answer for one photo: its most probable class, or 'not sure: X or Y' (the two most probable) when the
+    top probability is below `min_confidence`."""
+    order = np.argsort(-probs)
+    if probs[order[0]] >= min_confidence or len(classes) < 2:
+        return classes[order[0]]
+    return f"not sure: {classes[order[0]]} or {classes[order[1]]}"
+
+
 @dataclass
 class Predictions:
     """Probabilities per input path (rows of NaN for unreadable images, listed in `bad`)."""
@@ -52,10 +61,19 @@ class Predictions:
             out.append([(self.classes[i], float(p[i])) for i in order])
         return out
 
-    def to_frame(self, k: int = 3) -> pd.DataFrame:
+    def verdicts(self, min_confidence: float = 0.0) -> list[str]:
+        """Per photo: the label, or 'not sure: X or Y' below `min_confidence` ('' for an unreadable photo)."""
+        return ["" if np.isnan(p[0]) else verdict(p, self.classes, min_confidence) for p in self.probs]
+
+    def to_frame(self, k: int = 3, min_confidence: float | None = None) -> pd.DataFrame:
+        """One row per photo: path, label, probability, the next k-1 classes, (with `min_confidence`) whether the
+        model is sure and its verdict, and the error of an unreadable photo."""
         rows = []
-        for path, label, top in zip(self.paths, self.labels, self.top_k(k)):
+        verdicts = self.verdicts(min_confidence or 0.0)
+        for path, label, top, said in zip(self.paths, self.labels, self.top_k(k), verdicts):
             row = {"path": path, "label": label, "probability": top[0][1] if top else float("nan")}
+            if min_confidence is not None:
+                row["sure"], row["verdict"] = bool(top) and not said.startswith("not sure"), said
             for i, (c, p) in enumerate(top[1:], start=2):
                 row[f"label_{i}"], row[f"probability_{i}"] = c, p
             row["error"] = self.bad.get(path, "")

@@ -42,29 +42,33 @@ def expand_photos(patterns: Sequence[str], folder: str | None = None) -> list[st
     return paths
 
 
-def predictions_json(preds: Predictions, k: int = 3) -> list[dict]:
-    """One record per photo: path, label, probability, the top-k, and the error of an unreadable one."""
+def predictions_json(preds: Predictions, k: int = 3, min_confidence: float = 0.0) -> list[dict]:
+    """One record per photo: path, label, probability, whether the model is sure (top probability at least
+    `min_confidence`) and its verdict, the top-k, and the error of an unreadable one."""
     return [{"path": path, "label": top[0][0] if top else None, "probability": top[0][1] if top else None,
+             **({"sure": not said.startswith("not sure"), "verdict": said} if top else {}),
              "top": [{"label": c, "probability": p} for c, p in top], **({"error": preds.bad[path]}
                                                                         if path in preds.bad else {})}
-            for path, top in zip(preds.paths, preds.top_k(k))]
+            for path, top, said in zip(preds.paths, preds.top_k(k), preds.verdicts(min_confidence))]
 
 
-def format_predictions(preds: Predictions, fmt: str | None, k: int = 3) -> str:
+def format_predictions(preds: Predictions, fmt: str | None, k: int = 3, min_confidence: float = 0.0) -> str:
     """Predictions as CSV (`to_frame`), JSON (`predictions_json`) or, for None, one readable line per photo."""
     if fmt == "json":
-        return json.dumps(predictions_json(preds, k), indent=2)
+        return json.dumps(predictions_json(preds, k, min_confidence), indent=2)
     if fmt == "csv":
-        return preds.to_frame(k).to_csv(index=False)
-    return "\n".join(f"{path}: " + ("  ".join(f"{c} {p:.1%}" for c, p in top) if top else
+        return preds.to_frame(k, min_confidence).to_csv(index=False)
+    return "\n".join(f"{path}: " + (("" if not said.startswith("not sure") else f"[{said}]  ") +
+                                    "  ".join(f"{c} {p:.1%}" for c, p in top) if top else
                                     f"unreadable: {preds.bad[path]}")
-                     for path, top in zip(preds.paths, preds.top_k(k)))
+                     for path, top, said in zip(preds.paths, preds.top_k(k), preds.verdicts(min_confidence)))
 
 
-def write_predictions(preds: Predictions, out: str | Path, fmt: str | None = None, k: int = 3) -> Path:
+def write_predictions(preds: Predictions, out: str | Path, fmt: str | None = None, k: int = 3,
+                      min_confidence: float = 0.0) -> Path:
     """Write predictions to `out`: JSON for --format json or a .json name, else CSV."""
     fmt = fmt or ("json" if Path(out).suffix.lower() == ".json" else "csv")
-    return write_text(out, format_predictions(preds, fmt, k) + ("\n" if fmt == "json" else ""))
+    return write_text(out, format_predictions(preds, fmt, k, min_confidence) + ("\n" if fmt == "json" else ""))
 
 
 def write_submission(ids: Sequence[str], labels: Sequence[str], out: str | Path, id_column: str = "img_id",

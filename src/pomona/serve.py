@@ -21,7 +21,7 @@ import numpy as np
 
 from .checkpoint import load_run
 from .config import ServeCommand
-from .engine import MicroBatcher
+from .engine import MicroBatcher, verdict
 from .images import BadImageError, load_image
 from .preprocessing import create_eval_transform_np
 
@@ -54,7 +54,9 @@ class ClassifierService:
     def result(self, probs: np.ndarray, k: int = 3) -> dict:
         order = np.argsort(-probs)
         top = [{"label": self.classes[i], "probability": round(float(probs[i]), 6)} for i in order[:k]]
-        return {"label": top[0]["label"], "probability": top[0]["probability"], "top": top,
+        said = verdict(probs, self.classes, self.settings.min_confidence)
+        return {"label": top[0]["label"], "probability": top[0]["probability"],
+                "sure": not said.startswith("not sure"), "verdict": said, "top": top,
                 "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)}}
 
     def explain_png(self, image, class_name: str | None = None) -> tuple[bytes, str]:
