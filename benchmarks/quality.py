@@ -52,7 +52,7 @@ RECIPES = {
                                             "frozen_epochs": 2, "ema_epochs": 2.0}},
     "default - frozen BN statistics": {"train": {"freeze_bn": False}},
     "default - small crops (0.35)": {"train": {"crop_scale": 0.35}},
-    "default, crops 0.02": {"train": {"crop_scale": 0.02}},
+    "default with crops 0.02": {"train": {"crop_scale": 0.02}},
     "default - probe head init": {"train": {"head_init": "random"}},
     "default + photometric": {"train": {"photometric": 0.8, "blur": 0.2, "jpeg": 0.2, "noise": 0.2}},
     "default + WiSE-FT 0.5": {"train": {"wise_alpha": 0.5}},
