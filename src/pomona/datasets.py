@@ -116,6 +116,7 @@ class DecodedImages:
                  enabled: bool = True):
         self.resize = create_resize(pre)
         self.max_pixels = max_pixels
+        self.target = pre.resize_size  # large photos are decoded reduced, to at least twice this shorter side
         self.max_bytes = max_bytes if enabled else 0
         self.cache: dict[str, torch.Tensor] = {}
         self.nbytes = 0
@@ -129,7 +130,7 @@ class DecodedImages:
         if path in self.bad:
             raise BadImageError(self.bad[path])
         try:
-            x = self.resize(load_image(path, self.max_pixels))
+            x = self.resize(load_image(path, self.max_pixels, self.target))
         except BadImageError as e:
             self.bad[path] = str(e)
             raise

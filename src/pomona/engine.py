@@ -143,7 +143,7 @@ def iter_batches(paths: Sequence[str], pre: Preprocessing, max_pixels: int, batc
 
     def decode(path: str):
         try:
-            return transform(load_image(path, max_pixels)), None
+            return transform(load_image(path, max_pixels, pre.resize_size)), None
         except BadImageError as e:
             return None, str(e)
 
