@@ -267,6 +267,8 @@ def balance_bundle(bundle: DataBundle, cfg: Config, run_dir: Path, write_info: b
 def check_images(bundle: DataBundle, images: DecodedImages, max_bad_fraction: float) -> DataBundle:
     """Decode every image once; drop unreadable ones, or stop when too many are bad."""
     bad = images.scan(list(bundle.table["path"]), desc="decoding images")
+    from .index import check_readable_classes  # a class with no readable training image is an error
+    check_readable_classes(bundle.table, images.bad)
     if bad and len(bad) > max_bad_fraction * len(bundle.table):
         listing = "\n".join(f"  {p}: {images.bad[p]}" for p in bad[:10])
         raise TooManyBadImages(f"{len(bad)} of {len(bundle.table)} images cannot be read (limit "
