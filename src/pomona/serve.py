@@ -5,24 +5,37 @@
   POST /explain   a photo -> PNG Grad-CAM overlay (`?class_name=` for another class than the predicted one)
   GET  /health    status, model, classes and engine
 
-Requests are decoded in a thread pool and classified through a micro-batcher (concurrent requests share one
-model call); oversized bodies are refused with 413 before they are read, non-images with 415, empty or broken
-images with 422, decompression bombs (too many pixels, read from the header) with 413. Training code never
-imports this module; FastAPI is imported only when an app is created.
+Requests are decoded in a small thread pool (one decode per core at a time, large photos decoded reduced) and
+classified through a micro-batcher (concurrent requests share one model call); oversized bodies are refused with
+413 before they are read, non-images with 415, empty or broken images and thin strips with 422, decompression
+bombs (too many pixels, read from the header) with 413.
+
+Untrusted clients: at most `max_concurrency` requests are processed at once and `max_queue` more wait their
+turn; past that, or after `queue_timeout` seconds of waiting, the answer is 503 with Retry-After (never a reset
+connection). Idle connections do not count: a connection that sends no complete request within
+`header_timeout` seconds (silent, or trickling its headers) is closed, an upload that does not arrive within
+`body_timeout` seconds gets 408, and past `max_connections` the connection idle longest is closed. /health and
+the page are never queued. Training code never imports this module; FastAPI is imported only when an app is
+created.
 """
 
 
 import asyncio
+import ctypes
 import importlib.resources
+import os
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .engine import MicroBatcher, create_image_transform
-from .images import BadImageError, load_image
+from .images import MAX_ASPECT, BadImageError, load_image
 from .predict import Predictor
 
 
@@ -44,10 +57,33 @@ class ServeSettings:
     """Largest accepted request body in MB; larger uploads are refused with 413 before they are read."""
     max_pixels: int = 50_000_000
     """Largest accepted image in pixels, read from the header before decoding (decompression-bomb guard)."""
+    max_aspect: float = MAX_ASPECT
+    """Largest accepted ratio of an image's longer side to its shorter side; thinner strips get 422."""
+    decode_threads: int = 0
+    """Photos decoded at the same time (0 = one per CPU core); other uploads wait their turn, so several large
+    images never hold a full decode each at once. Large photos are decoded reduced, to about twice the model's
+    resize size."""
     max_batch: int = 16
     """Most concurrent requests answered by one model call."""
-    max_concurrency: int = 64
-    """Open requests beyond this get 503 instead of queueing without bound."""
+    max_concurrency: int = 16
+    """Requests processed at once (upload read, decoded, classified); more wait in the queue. Idle connections,
+    /health and the page do not count."""
+    max_queue: int = 256
+    """Requests waiting for a free slot; when the queue is full, new ones get 503 with a Retry-After header."""
+    queue_timeout: float = 30.0
+    """Seconds a request may wait in the queue; then it gets 503 with Retry-After."""
+    retry_after: int = 2
+    """Seconds a 503 answer asks the client to wait before trying again (the Retry-After header)."""
+    header_timeout: float = 10.0
+    """Seconds a connection may stay without a request in progress (from connecting, or from its previous
+    response) before its request's headers are complete; silent or trickling connections are then closed."""
+    body_timeout: float = 60.0
+    """Seconds a client has to send its upload once the request is processed; slower uploads get 408."""
+    keep_alive_timeout: int = 5
+    """Seconds an idle keep-alive connection stays open after a response."""
+    max_connections: int = 512
+    """Open TCP connections; past this, the connection idle longest (for more than a second) is closed, never one
+    with a request in progress."""
     explain: bool = True
     """Serve Grad-CAM overlays (/explain; loads the PyTorch model too)."""
     cam_size: int = 448
@@ -64,6 +100,9 @@ class ClassifierService:
                                    threads=settings.threads or None)
         self.classes = self.predictor.classes
         self.transform = create_image_transform(self.predictor.pre)
+        self.target = self.predictor.pre.resize_size
+        self.decode_pool = ThreadPoolExecutor(settings.decode_threads or os.cpu_count() or 1,
+                                              thread_name_prefix="pomona-decode")
         self.batcher = MicroBatcher(self.predictor.predict_array, settings.max_batch)
         self.cam_lock = threading.Lock()
         if settings.explain:
@@ -71,7 +110,16 @@ class ClassifierService:
         self.started = time.time()
 
     def decode(self, data: bytes):
-        return load_image(data, self.settings.max_pixels)
+        """The upload as an RGB image, decoded reduced when large; BadImageError for anything unusable."""
+        return load_image(data, self.settings.max_pixels, self.target, self.settings.max_aspect)
+
+    def prepare(self, data: bytes) -> np.ndarray:
+        """The upload as the model's input array."""
+        return self.transform(self.decode(data))
+
+    async def in_decode_pool(self, fn, *args):
+        """Run `fn(*args)` in the decode pool: at most `decode_threads` decodes at once, the rest wait."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
     def describe(self) -> dict:
         info = self.predictor.info
@@ -95,10 +143,80 @@ class ClassifierService:
 
     def close(self) -> None:
         self.batcher.close()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def release_memory() -> None:
+    """Hand the heap memory freed by decodes back to the operating system (glibc `malloc_trim`). pomona runs
+    with raised malloc thresholds (runtime.py), under which freed buffers otherwise stay in the process."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class ServerBusy(Exception):
+    """No free slot and the queue is full, or the wait ran out: answered with 503 and Retry-After."""
+
+
+class RequestGate:
+    """At most `max_active` requests run at once; up to `max_queue` more wait, first come first served, for at
+    most `timeout` seconds. Beyond that `slot()` raises ServerBusy. `on_idle` is called whenever the last
+    request leaves."""
+
+    def __init__(self, max_active: int, max_queue: int, timeout: float, on_idle=None):
+        self.max_active, self.max_queue, self.timeout, self.on_idle = max(1, max_active), max_queue, timeout, on_idle
+        self.active = 0
+        self.waiters: deque[asyncio.Future] = deque()
+
+    @property
+    def idle(self) -> bool:
+        return self.active == 0 and not self.waiters
+
+    @asynccontextmanager
+    async def slot(self):
+        await self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self) -> None:
+        if self.active < self.max_active and not self.waiters:
+            self.active += 1
+            return
+        if len(self.waiters) >= self.max_queue:
+            raise ServerBusy(f"server busy: {self.active} requests in progress and {len(self.waiters)} waiting")
+        future = asyncio.get_running_loop().create_future()
+        self.waiters.append(future)
+        try:
+            async with asyncio.timeout(self.timeout):
+                await future  # resolved by _release, which hands its slot over
+        except BaseException as e:
+            if future.done() and not future.cancelled():  # the slot arrived just as the wait ended
+                if isinstance(e, TimeoutError):
+                    return
+                self._release()
+            elif future in self.waiters:
+                self.waiters.remove(future)
+            if isinstance(e, TimeoutError):
+                raise ServerBusy(f"server busy: waited {self.timeout:g} s for one of {self.max_active} slots") from e
+            raise
+
+    def _release(self) -> None:
+        while self.waiters:
+            future = self.waiters.popleft()
+            if not future.done():
+                future.set_result(None)  # the slot passes to the next waiter; `active` is unchanged
+                return
+        self.active -= 1
+        if self.active == 0 and self.on_idle is not None:
+            self.on_idle()
 
 
 def status_for(error: BadImageError) -> int:
-    """HTTP status of an unusable upload: 415 not an image, 413 too many pixels, 422 empty or broken."""
+    """HTTP status of an unusable upload: 415 not an image, 413 too many pixels, 422 empty, broken or a thin
+    strip (extreme aspect ratio)."""
     message = str(error)
     if message.startswith("not an image"):
         return 415
@@ -153,14 +271,27 @@ class UploadTooLarge(Exception):
 
 def create_app(run_dir: str | Path, settings: ServeSettings | None = None):
     """The FastAPI app serving `run_dir`; the model is loaded here, once."""
-    from contextlib import asynccontextmanager
-
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 
     settings = settings or ServeSettings()
     service = ClassifierService(run_dir, settings)
+    trim_pending = False
+
+    def after_burst() -> None:  # the last request left: give freed decode buffers back, once things are quiet
+        nonlocal trim_pending
+        if not trim_pending:
+            trim_pending = True
+            asyncio.get_running_loop().call_later(0.5, trim)
+
+    def trim() -> None:
+        nonlocal trim_pending
+        trim_pending = False
+        if gate.idle:
+            service.decode_pool.submit(release_memory)
+
+    gate = RequestGate(settings.max_concurrency, settings.max_queue, settings.queue_timeout, after_burst)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -169,33 +300,50 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None):
 
     app = FastAPI(title="pomona", description="Which apple variety is in the photo?", lifespan=lifespan)
     app.state.service = service
+    app.state.gate = gate
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 1e6))
 
     @app.exception_handler(UploadTooLarge)
     async def too_large(request: Request, exc: UploadTooLarge):
         return JSONResponse({"detail": str(exc)}, status_code=413, headers={"Connection": "close"})
 
-    async def read_image(request: Request):
-        """The uploaded photo, decoded; HTTPException with a message for anything unusable."""
+    @app.exception_handler(ServerBusy)
+    async def busy(request: Request, exc: ServerBusy):
+        return JSONResponse({"detail": f"{exc}; retry after {settings.retry_after} s"}, status_code=503,
+                            headers={"Retry-After": str(settings.retry_after)})
+
+    async def read_upload(request: Request) -> bytes:
+        """The uploaded bytes: the multipart field `file`, or the raw body."""
         content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type == "multipart/form-data":
             try:
                 form = await request.form(max_files=1, max_fields=8)
             except UploadTooLarge:
                 raise
             except Exception as e:
                 raise HTTPException(400, f"cannot read the multipart form: {e}") from e
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                raise HTTPException(422, "send the photo as the multipart form field 'file'")
-            data = await upload.read()
-        elif content_type.startswith(("image/", "application/octet-stream")) or not content_type:
-            data = await request.body()
-        else:
-            raise HTTPException(415, f"unsupported content type {content_type!r}: send multipart/form-data with "
-                                     "the photo in the field 'file', or the raw image bytes")
+            try:
+                upload = form.get("file")
+                if upload is None or isinstance(upload, str):
+                    raise HTTPException(422, "send the photo as the multipart form field 'file'")
+                return await upload.read()
+            finally:
+                await form.close()
+        if media_type.startswith("image/") or media_type == "application/octet-stream" or not media_type:
+            return await request.body()
+        raise HTTPException(415, f"unsupported content type {content_type!r}: send multipart/form-data with "
+                                 "the photo in the field 'file', or the raw image bytes")
+
+    async def read_image(request: Request, decode):
+        """`decode(upload bytes)` run in the decode pool; HTTPException with a message for anything unusable."""
         try:
-            return await run_in_threadpool(service.decode, data)
+            data = await asyncio.wait_for(read_upload(request), settings.body_timeout)
+        except TimeoutError:
+            raise HTTPException(408, f"upload too slow: not received within {settings.body_timeout:g} s",
+                                headers={"Connection": "close"}) from None
+        try:
+            return await service.in_decode_pool(decode, data)
         except BadImageError as e:
             raise HTTPException(status_for(e), f"unusable image: {e}") from e
 
@@ -210,9 +358,9 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None):
     @app.post("/predict")
     async def predict(request: Request) -> dict:
         start = time.perf_counter()
-        image = await read_image(request)
-        x = await run_in_threadpool(service.transform, image)
-        probs = await asyncio.wrap_future(service.batcher.submit(x))
+        async with gate.slot():
+            x = await read_image(request, service.prepare)
+            probs = await asyncio.wrap_future(service.batcher.submit(x))
         return {**service.result(probs), "engine": service.predictor.engine_name,
                 "milliseconds": round((time.perf_counter() - start) * 1000, 1)}
 
@@ -222,11 +370,76 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None):
             raise HTTPException(404, "Grad-CAM is switched off (pomona serve --no-explain)")
         if class_name is not None and class_name not in service.classes:
             raise HTTPException(422, f"unknown class {class_name!r}; the model knows {service.classes}")
-        image = await read_image(request)
-        png, shown = await run_in_threadpool(service.explain_png, image, class_name)
+        async with gate.slot():
+            image = await read_image(request, service.decode)
+            png, shown = await run_in_threadpool(service.explain_png, image, class_name)
         return Response(png, media_type="image/png", headers={"X-Pomona-Class": shown})
 
     return app
+
+
+IDLE_GRACE_S = 1.0
+"""Past `max_connections`, only connections idle for longer than this are closed."""
+
+
+def guarded_protocol(settings: ServeSettings) -> type:
+    """uvicorn's h11 HTTP protocol with two guards against idle and slow clients: a connection with no request in
+    progress (just opened, or after a response) must complete a request's headers within
+    `settings.header_timeout` seconds, however it trickles them, else it is closed; and past
+    `settings.max_connections` open connections, the one idle longest (for more than IDLE_GRACE_S) is closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    header_timeout, max_connections = settings.header_timeout, settings.max_connections
+
+    class GuardedH11Protocol(H11Protocol):
+        header_timer: asyncio.TimerHandle | None = None
+        waiting_since = 0.0
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._follow_request()
+            if len(self.connections) > max_connections:  # close the connection idle longest, if any is idle
+                since = time.monotonic() - IDLE_GRACE_S  # (a connection of the same burst may not have sent yet)
+                idle = [c for c in self.connections
+                        if isinstance(c, GuardedH11Protocol) and c.waiting() and c.waiting_since < since]
+                if idle:
+                    min(idle, key=lambda c: c.waiting_since).transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._follow_request()
+
+        def on_response_complete(self) -> None:
+            self._stop_clock()  # a new wait for the next request starts now
+            super().on_response_complete()
+            self._follow_request()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_clock()
+            super().connection_lost(exc)
+
+        def waiting(self) -> bool:
+            """No request in the app: the connection waits for (the rest of) a client's request."""
+            return (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing()
+
+        def _follow_request(self) -> None:
+            if not self.waiting():
+                self._stop_clock()
+            elif self.header_timer is None:  # started once per wait: trickled bytes do not extend it
+                self.waiting_since = time.monotonic()
+                self.header_timer = self.loop.call_later(header_timeout, self._too_slow)
+
+        def _stop_clock(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _too_slow(self) -> None:
+            self.header_timer = None
+            if self.waiting():
+                self.transport.close()
+
+    return GuardedH11Protocol
 
 
 def serve(run_dir: str | Path, settings: ServeSettings) -> None:
@@ -236,5 +449,5 @@ def serve(run_dir: str | Path, settings: ServeSettings) -> None:
     app = create_app(run_dir, settings)
     print(f"pomona: serving {run_dir} ({app.state.service.predictor.engine_name} engine) at "
           f"http://{settings.host}:{settings.port}/", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, limit_concurrency=settings.max_concurrency,
-                log_level="warning")
+    uvicorn.run(app, host=settings.host, port=settings.port, http=guarded_protocol(settings),
+                timeout_keep_alive=settings.keep_alive_timeout, log_level="warning")
