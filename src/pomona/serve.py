@@ -104,6 +104,10 @@ class ClassifierService:
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads or os.cpu_count() or 1,
                                               thread_name_prefix="pomona-decode")
         self.batcher = MicroBatcher(self.predictor.predict_array, settings.max_batch)
+        # One model call at the largest batch now, so that the engine's memory (ONNX Runtime's arena) grows to its
+        # working size at startup rather than at the first burst of requests.
+        size = self.predictor.pre.input_size
+        self.predictor.predict_array(np.zeros((settings.max_batch, 3, size, size), np.float32))
         self.cam_lock = threading.Lock()
         if settings.explain:
             _ = self.predictor.model  # load the PyTorch model now, not on the first request
