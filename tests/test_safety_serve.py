@@ -19,7 +19,7 @@ import pytest
 import requests
 from PIL import Image
 
-from pomona.serve import RequestGate, ServeSettings, ServerBusy, guarded_protocol
+from pomona.serve import RequestGate, ServerBusy, guarded_protocol
 
 from conftest import SERVE_CLASSES, held_out_photo
 
@@ -176,7 +176,8 @@ async def _burst(url: str, photos: list[bytes], n: int) -> list:
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(120, connect=60, pool=60)) as client:
         async def one(i: int):
             try:
-                r = await client.post(url + "/predict", files={"file": ("a.jpg", photos[i % len(photos)], "image/jpeg")})
+                photo = photos[i % len(photos)]
+                r = await client.post(url + "/predict", files={"file": ("a.jpg", photo, "image/jpeg")})
                 return r.status_code, r.headers.get("retry-after"), r.json().get("label")
             except Exception as e:  # a reset or a timeout: the test fails on it
                 return type(e).__name__, None, None
@@ -200,7 +201,7 @@ def test_a_burst_of_200_requests_is_answered_and_memory_returns(guarded):
           f"after ({(after / before - 1) * 100:+.1f}%), peak {vm(guarded.pid, 'VmHWM'):.0f} MB")
     assert set(statuses) <= {200, 503}, statuses  # no reset, no timeout, no 5xx other than 503
     assert statuses[200] >= GUARD["max_concurrency"]
-    for (status, retry_after, label), i in zip(answers, range(len(answers))):
+    for i, (status, retry_after, label) in enumerate(answers):
         if status == 503:
             assert retry_after == str(GUARD["retry_after"])
         else:
@@ -286,12 +287,12 @@ def test_connections_past_the_limit_close_the_longest_idle_first():
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    settings = ServeSettings(header_timeout=30, max_connections=10)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=guarded_protocol(settings),
-                                           log_level="warning", lifespan="off"))
+    protocol = guarded_protocol(header_timeout=30, max_connections=10)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_level="warning",
+                                           lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

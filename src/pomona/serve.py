@@ -386,14 +386,12 @@ IDLE_GRACE_S = 1.0
 """Past `max_connections`, only connections idle for longer than this are closed."""
 
 
-def guarded_protocol(settings: ServeSettings) -> type:
+def guarded_protocol(header_timeout: float, max_connections: int) -> type:
     """uvicorn's h11 HTTP protocol with two guards against idle and slow clients: a connection with no request in
-    progress (just opened, or after a response) must complete a request's headers within
-    `settings.header_timeout` seconds, however it trickles them, else it is closed; and past
-    `settings.max_connections` open connections, the one idle longest (for more than IDLE_GRACE_S) is closed."""
+    progress (just opened, or after a response) must complete a request's headers within `header_timeout`
+    seconds, however it trickles them, else it is closed; and past `max_connections` open connections, the one
+    idle longest (for more than IDLE_GRACE_S) is closed."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    header_timeout, max_connections = settings.header_timeout, settings.max_connections
 
     class GuardedH11Protocol(H11Protocol):
         header_timer: asyncio.TimerHandle | None = None
@@ -453,5 +451,6 @@ def serve(run_dir: str | Path, settings: ServeSettings) -> None:
     app = create_app(run_dir, settings)
     print(f"pomona: serving {run_dir} ({app.state.service.predictor.engine_name} engine) at "
           f"http://{settings.host}:{settings.port}/", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, http=guarded_protocol(settings),
+    protocol = guarded_protocol(settings.header_timeout, settings.max_connections)
+    uvicorn.run(app, host=settings.host, port=settings.port, http=protocol,
                 timeout_keep_alive=settings.keep_alive_timeout, log_level="warning")
