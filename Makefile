@@ -1,22 +1,41 @@
-# Two commands do all set-up on a fresh clone:
-#   make demo   train -> evaluate -> predict on real apple photos (../shared/data, or a download)
-#   make test   the test suite
+# Two commands do all set-up on a fresh clone, inside a virtual environment of the checkout (.venv, created when
+# missing; your own Python is never touched):
+#   make demo   train -> evaluate -> predict on real apple photos (../shared/data, or a download); installs only
+#               what the demo uses
+#   make test   the test suite (installs the test extras)
 PYTHON ?= python3
-PIP := $(PYTHON) -m pip
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: install demo test bench
+.PHONY: venv install demo test bench
 
-install:
-	$(PIP) install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" || \
-		$(PIP) install -q --disable-pip-version-check torch torchvision
-	$(PIP) install -q --disable-pip-version-check -e ".[lite,serve,test]"
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 
-demo: install
-	bash scripts/demo.sh
+venv: $(PY)
 
-test: install
-	$(PYTHON) -m pytest -q
+# PyTorch first, at the measured versions (the newest when those have no wheel for this machine).
+$(VENV)/.torch: | $(PY)
+	$(PIP) "torch==2.14.1" "torchvision==0.29.1" || $(PIP) torch torchvision
+	touch $@
 
-bench: install
-	$(PYTHON) benchmarks/grocery.py
-	$(PYTHON) benchmarks/fruits360.py
+$(VENV)/.demo: pyproject.toml $(VENV)/.torch
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml $(VENV)/.torch
+	$(PIP) -e ".[lite,serve,test]"
+	touch $@
+
+install: $(VENV)/.test
+
+demo: $(VENV)/.demo
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.test
+	$(PY) benchmarks/grocery.py
+	$(PY) benchmarks/fruits360.py

@@ -18,6 +18,7 @@ Tables go to benchmarks/results/ablation-<dataset>.md (and .json next to the run
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import shutil
 import sys
@@ -106,5 +107,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_malloc_tuning()
+    reexec_with_malloc_tuning(os.environ)
     main()

@@ -9,7 +9,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from pomona.datasets import DecodedImages, ImageDataset, create_eval_transform, resolve_preprocessing
+from pomona.datasets import DecodedImages, ImageDataset
+from pomona.preprocessing import create_eval_transform, resolve_preprocessing
 from pomona.metrics import macro_f1
 from pomona.model import create_backbone
 

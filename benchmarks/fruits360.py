@@ -9,6 +9,7 @@ A random per-image split would score ~1.0 here and mean nothing: consecutive fra
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ from common import frozen_features_baseline, report_against_reference  # noqa: E
 
 from pomona.config import Config, load_overrides, merge  # noqa: E402
 from pomona.data import prepare_data  # noqa: E402
-from pomona.predict import Predictor  # noqa: E402
+from pomona.checkpoint import load_run  # noqa: E402
+from pomona.predict import score_table  # noqa: E402
 from pomona.runtime import reexec_with_malloc_tuning  # noqa: E402
 from pomona.train import train_and_evaluate  # noqa: E402
 
@@ -52,7 +54,7 @@ def main() -> None:
     out = Path(args.out)
     result = train_and_evaluate(cfg, out / "pomona", bundle=bundle)
     seconds = time.perf_counter() - start
-    metrics, _ = Predictor(out / "pomona", device=cfg.device).evaluate(val)
+    metrics, _ = score_table(load_run(out / "pomona", device=cfg.device), val)
     epochs = [h for h in result.history if not h["backbone_frozen"]] or result.history
     rows.append({"recipe": "pomona configs/fruits360.json", "macro_f1": metrics["macro_f1"],
                  "ci95": f"{metrics['macro_f1_ci95'][0]:.2f}-{metrics['macro_f1_ci95'][1]:.2f}",
@@ -63,5 +65,5 @@ def main() -> None:
                                     "s_per_epoch", "train_img_s"], out)
 
 if __name__ == "__main__":
-    reexec_with_malloc_tuning()
+    reexec_with_malloc_tuning(os.environ)
     main()

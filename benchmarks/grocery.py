@@ -10,6 +10,7 @@ reference, all measured in this one run. Target for the default recipe: macro-F1
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,8 @@ from common import frozen_features_baseline, report_against_reference  # noqa: E
 
 from pomona.config import Config, load_overrides, merge  # noqa: E402
 from pomona.data import prepare_data  # noqa: E402
-from pomona.predict import Predictor  # noqa: E402
+from pomona.checkpoint import load_run  # noqa: E402
+from pomona.predict import score_table  # noqa: E402
 from pomona.runtime import reexec_with_malloc_tuning  # noqa: E402
 from pomona.train import train_and_evaluate  # noqa: E402
 
@@ -32,7 +34,7 @@ def run_recipe(name: str, cfg: Config, out: Path) -> dict:
     result = train_and_evaluate(cfg, out / name)
     seconds = time.perf_counter() - start
     bundle = prepare_data(cfg.data, cfg.seed)
-    metrics, _ = Predictor(out / name, device=cfg.device).evaluate(bundle.subset("val"))
+    metrics, _ = score_table(load_run(out / name, device=cfg.device), bundle.subset("val"))
     train_ips = [h["train_images_per_s"] for h in result.history if not h["backbone_frozen"]] or \
                 [h["train_images_per_s"] for h in result.history]
     return {"recipe": name, "macro_f1": metrics["macro_f1"], "last_epoch_f1": result.history[-1]["val_macro_f1"],
@@ -61,5 +63,5 @@ def main() -> None:
                                     "seconds", "time_vs_ref", "train_img_s", "best_epoch"], out)
 
 if __name__ == "__main__":
-    reexec_with_malloc_tuning()
+    reexec_with_malloc_tuning(os.environ)
     main()

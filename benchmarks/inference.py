@@ -10,7 +10,7 @@ Rows (left-right flip TTA off everywhere, so every row does the same work per ph
   pomona OnnxEngine        pomona's engine on the same preprocessed arrays
   ONNX Runtime, bare + plain decode loop   files -> probabilities the plain way: decode the photos of a batch
                            one after the other (pomona's resize/crop/normalise), then one bare session call
-  pomona predict (files)   `Predictor(run).predict(paths)`: JPEG decoding + preprocessing in threads + ONNX
+  pomona predict (files)   `load_run(run).predict(paths)`: JPEG decoding + preprocessing in threads + ONNX
                            Runtime, from files to probabilities (what `pomona predict` does)
   serve /predict           `pomona serve` over HTTP from localhost: bounded load of C concurrent clients
 
@@ -75,12 +75,11 @@ def worker(kind: str, run_dir: Path, array: Path, paths_file: Path, single: int)
     if kind in ("torch-default", "torch-tuned"):
         import torch
 
-        from pomona.train import load_run
+        from pomona.checkpoint import load_run
 
-        model, _ = load_run(run_dir, "cpu")
+        model = load_run(run_dir, "cpu", engine="torch").model
         channels_last = kind == "torch-tuned"
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
         def fn(batch):
             with torch.inference_mode():
@@ -101,8 +100,8 @@ def worker(kind: str, run_dir: Path, array: Path, paths_file: Path, single: int)
         import onnxruntime as ort
         import torch
 
-        from pomona.datasets import Preprocessing, create_eval_transform, create_resize
         from pomona.images import load_image
+        from pomona.preprocessing import Preprocessing, create_eval_transform, create_resize
 
         session = ort.InferenceSession(str(run_dir / "model.onnx"), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
@@ -118,17 +117,17 @@ def worker(kind: str, run_dir: Path, array: Path, paths_file: Path, single: int)
         result = {"b1": _summary(_time_calls(fn, [[p] for p in paths[:single]]), 1),
                   "b32": _summary(_time_calls(fn, chunks * 2), BATCH)}
     elif kind == "pomona-engine":
-        from pomona.engine import OnnxEngine
+        from pomona.engine import OnnxEngine, softmax
 
         engine = OnnxEngine(run_dir / "model.onnx")
-        result = measure_model(lambda b: engine.probs(b), x, single)
+        result = measure_model(lambda b: softmax(engine.logits(b)), x, single)
     elif kind in ("pomona-predict", "torch-predict"):
-        from pomona.predict import Predictor
+        from pomona.checkpoint import load_run
 
         paths = paths_file.read_text().split("\n")
         engine = "onnx" if kind == "pomona-predict" else "torch"
-        many = Predictor(run_dir, device="cpu", tta=False, engine=engine, batch_size=BATCH)
-        one = Predictor(run_dir, device="cpu", tta=False, engine=engine, batch_size=1)
+        many = load_run(run_dir, device="cpu", tta=False, engine=engine, batch_size=BATCH)
+        one = load_run(run_dir, device="cpu", tta=False, engine=engine, batch_size=1)
         chunks = [paths[i:i + BATCH] for i in range(0, len(paths) - BATCH + 1, BATCH)]
         b32 = _time_calls(many.predict, chunks * 2)
         b1 = _time_calls(one.predict, [[p] for p in paths[:single]])
@@ -236,9 +235,9 @@ def main() -> None:
         print(json.dumps(worker(args.worker, run_dir, Path(args.array), Path(args.paths_file), args.single)))
         return
 
-    from pomona.datasets import Preprocessing
-    from pomona.engine import create_image_transform, find_current_export
+    from pomona.checkpoint import find_current_export
     from pomona.images import load_image
+    from pomona.preprocessing import Preprocessing, create_eval_transform_np
 
     if find_current_export(run_dir)[0] is None:
         from pomona.export import export_run
@@ -248,7 +247,7 @@ def main() -> None:
     info = json.loads((run_dir / "run.json").read_text())
     pre = Preprocessing.from_dict(info["preprocessing"])
     photos = select_photos(Path(args.images), args.n)
-    transform = create_image_transform(pre)
+    transform = create_eval_transform_np(pre)
     x = np.stack([transform(load_image(p)) for p in photos]).astype(np.float32)
     tmp = Path(tempfile.mkdtemp(prefix="pomona-bench-"))
     np.save(tmp / "x.npy", x)

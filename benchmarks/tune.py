@@ -19,6 +19,7 @@ set-up (decoding, feature extraction) is listed separately and included in `tria
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import sys
@@ -84,5 +85,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_malloc_tuning()
+    reexec_with_malloc_tuning(os.environ)
     main()

@@ -119,7 +119,7 @@ def test_mask_gets_the_same_transform_as_its_image(tmp_path):
     assert moved == len(manifest)
     # the same through the command line: masks found by class folder and file name
     assert run(["balance", "--data", str(root), "--masks", str(masks), "--out", str(tmp_path / "cli"),
-                "--per-class", "+2"]) == 0
+                "--balance", "add=2"]) == 0
     cli = pd.read_csv(tmp_path / "cli" / "manifest.csv")
     assert len(cli) == 2 and all(Path(p).is_file() for p in cli["mask"])
     assert set(cli["source_mask"]) <= {r["mask"] for r in rows}
@@ -188,13 +188,13 @@ def test_weighted_sampler_draws_classes_equally():
 
 
 def test_balance_and_preview_commands(synthetic, tmp_path, capsys):
-    assert run(["balance", "--data", str(synthetic), "--out", str(tmp_path / "b"), "--per-class", "+3",
-                "--classes", "b,c", "--format", "jpg"]) == 0
+    assert run(["balance", "--data", str(synthetic), "--out", str(tmp_path / "b"), "--balance", "add=3",
+                "--balance-classes", "b,c", "--balance-format", "jpg"]) == 0
     manifest = pd.read_csv(tmp_path / "b" / "manifest.csv")
     assert _counts(manifest) == {"b": 3, "c": 3} and manifest["path"].str.endswith(".jpg").all()
     assert "5 ->      5" in capsys.readouterr().out
-    assert run(["balance", "--data", str(synthetic), "--out", str(tmp_path / "b2"), "--to-max",
-                "--ops", "invert:0.5"]) == 2
+    assert run(["balance", "--data", str(synthetic), "--out", str(tmp_path / "b2"), "--balance", "max",
+                "--balance-ops", "invert:0.5"]) == 2
     assert "changes colours" in capsys.readouterr().err
     photo = next(synthetic.rglob("*.png"))
     assert run(["augment-preview", str(photo), "--out", str(tmp_path / "p.png"), "--n", "5", "--rot90", "0.5",

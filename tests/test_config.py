@@ -2,15 +2,14 @@ import json
 
 import pytest
 
-from pomona.cli import build_parser, config_from_args
+from pomona.cli import build_parser, parse
 from pomona.config import Config, merge
 
 
 def test_flags_override_config_file_overrides_defaults(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"train": {"epochs": 3, "lr": 0.01}, "model": {"dropout": 0.5}}))
-    args = build_parser().parse_args(["train", "--out", "x", "--config", str(tmp_path / "c.json"), "--lr", "0.002",
-                                      "--freeze-backbone", "--img-size", "none", "--group-by", "^(r_)?"])
-    cfg = config_from_args(args)
+    cfg = parse(["train", "--out", "x", "--config", str(tmp_path / "c.json"), "--lr", "0.002",
+                 "--freeze-backbone", "--img-size", "none", "--group-by", "^(r_)?"]).settings.config
     assert cfg.train.epochs == 3 and cfg.train.lr == 0.002 and cfg.model.dropout == 0.5
     assert cfg.model.freeze_backbone is True and cfg.model.img_size is None and cfg.data.group_by == "^(r_)?"
     assert cfg.train.batch_size == Config().train.batch_size

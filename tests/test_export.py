@@ -9,20 +9,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pomona.checkpoint import choose_engine, load_run
 from pomona.cli import run
-from pomona.datasets import Preprocessing
-from pomona.engine import EngineError, OnnxEngine, create_image_transform, iter_batches
+from pomona.engine import EngineError, OnnxEngine, iter_batches
 from pomona.export import ExportError, export_run
 from pomona.images import load_image
-from pomona.predict import Predictor, choose_engine
-from pomona.train import load_run
+from pomona.preprocessing import Preprocessing, create_eval_transform_np
 
 from conftest import GROCERY, SERVE_CLASSES, held_out_photo
 
 
 def _real_batch(run_dir, n_per_class=3) -> np.ndarray:
-    _, info = load_run(run_dir)
-    transform = create_image_transform(Preprocessing.from_dict(info["preprocessing"]))
+    transform = create_eval_transform_np(load_run(run_dir).preprocessing)
     paths = [held_out_photo(c, i) for c in SERVE_CLASSES for i in range(n_per_class)]
     return np.stack([transform(load_image(p)) for p in paths])
 
@@ -37,7 +35,7 @@ def test_onnx_export_matches_pytorch_on_real_photos(apple_run):
     assert json.loads(meta["pomona.classes"]) == SERVE_CLASSES
 
     x = _real_batch(apple_run)  # independent of export's own check: real photos, batch of 6
-    model, _ = load_run(apple_run)
+    model = load_run(apple_run, engine="torch").model
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     got = OnnxEngine(apple_run / "model.onnx").logits(x)
@@ -54,7 +52,7 @@ def test_torchscript_export_to_other_folder(apple_run, tmp_path, capsys):
     info = json.loads((out / "export.json").read_text())["torchscript"]
     assert info["max_abs_diff"] <= 1e-3
     x = _real_batch(apple_run, 1)
-    model, _ = load_run(apple_run)
+    model = load_run(apple_run, engine="torch").model
     with torch.no_grad():
         scripted = torch.jit.load(str(out / "model.torchscript.pt"))(torch.from_numpy(x))
         assert torch.allclose(scripted, model(torch.from_numpy(x)), atol=1e-3)
@@ -63,25 +61,25 @@ def test_torchscript_export_to_other_folder(apple_run, tmp_path, capsys):
 def test_export_refuses_an_export_that_disagrees(apple_run, tmp_path, monkeypatch):
     import pomona.export as export_module
 
-    real_export = export_module.export_onnx_file
+    real_export = export_module.export_onnx
 
     def export_broken(model, example, path, opset=17, metadata=None):
-        broken = load_run(apple_run)[0]
+        broken = load_run(apple_run, engine="torch").model
         with torch.no_grad():
             broken.head[-1].bias += 0.5  # what a wrong conversion would look like: shifted logits
         real_export(broken, example, path, opset, metadata)
 
-    monkeypatch.setattr(export_module, "export_onnx_file", export_broken)
+    monkeypatch.setattr(export_module, "export_onnx", export_broken)
     with pytest.raises(ExportError, match="disagrees with PyTorch"):
         export_run(apple_run, "onnx", out=tmp_path / "x")
-    assert not (tmp_path / "x" / "model.onnx").exists() and not (tmp_path / "x" / "model.onnx.tmp").exists()
+    assert not list((tmp_path / "x").glob("*model.onnx*"))  # nothing left behind, not even a temporary file
 
 
 def test_predict_uses_onnx_when_exported_and_matches_torch(apple_run, tmp_path, capsys):
     photos = [held_out_photo(c, i) for c in SERVE_CLASSES for i in range(3)]
     (tmp_path / "empty.jpg").write_bytes(b"")
     paths = photos[:3] + [tmp_path / "empty.jpg"] + photos[3:]
-    fast, slow = Predictor(apple_run), Predictor(apple_run, engine="torch")
+    fast, slow = load_run(apple_run), load_run(apple_run, engine="torch")
     assert fast.engine_name == "onnx" and slow.engine_name == "torch"
     a, b = fast.predict(paths), slow.predict(paths)
     assert np.isnan(a.probs[3]).all() and "empty" in a.bad[str(tmp_path / "empty.jpg")]
@@ -120,3 +118,24 @@ def test_iter_batches_keeps_order_and_reports_bad_files(apple_run, tmp_path):
     assert [x.shape for _, x, _ in batches if x is not None][0] == (2, 3, 128, 128)
     bad = {k: v for _, _, b in batches for k, v in b.items()}
     assert bad == {str(tmp_path / "junk.jpg"): "not an image"}
+
+
+def test_predict_json_globs_batch_size_and_missing_photos(apple_run, capsys):
+    pattern = str(GROCERY / "val" / "Pink-Lady" / "*.jpg")  # quoted on a shell: pomona expands it
+    assert run(["predict", str(apple_run), pattern, "--format", "json", "--batch-size", "2", "--top-k", "1"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in records] == sorted(str(p) for p in (GROCERY / "val" / "Pink-Lady").glob("*.jpg"))
+    assert all(len(r["top"]) == 1 and r["label"] in SERVE_CLASSES for r in records)
+    assert run(["predict", str(apple_run), str(GROCERY / "val" / "Pink-Lady" / "*.png")]) == 2
+    assert "no file matches" in capsys.readouterr().err
+    assert run(["predict", str(apple_run), str(GROCERY / "val" / "no-such-photo.jpg")]) == 2
+    assert "photo not found" in capsys.readouterr().err
+
+
+def test_python_api_load_run_predict(apple_run):
+    import pomona
+
+    run_ = pomona.load_run(apple_run)
+    preds = run_.predict([held_out_photo("Granny-Smith"), held_out_photo("Pink-Lady")])
+    assert preds.labels == ["Granny-Smith", "Pink-Lady"] and run_.classes == SERVE_CLASSES
+    assert preds.top_k(1)[0][0][0] == "Granny-Smith" and len(run_.info["members"]) == 1

@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pomona.datasets import create_eval_transform, create_resize, resolve_preprocessing
+from pomona.preprocessing import create_eval_transform, create_resize, resolve_preprocessing
 from pomona.model import (Head, WeightsError, convert_lite_state_dict, create_backbone, create_model,
                           packaged_weights_file, read_state_dict)
 

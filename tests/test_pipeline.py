@@ -90,25 +90,28 @@ def test_bad_images_are_skipped_and_listed_or_stop_the_run(grocery_small, tmp_pa
 
 
 def test_resume_matches_uninterrupted_run(grocery_small, tmp_path):
-    cfg = tiny_config(epochs=3, lr=3e-3)
-    cfg.data.data_dir, cfg.data.val_fraction = str(grocery_small), 0.34
+    """Killed after the frozen first epoch and resumed through the switch to fine-tuning, with 2 data-loader
+    workers (augmenting in their own processes): the resumed history and weights are the uninterrupted ones."""
+    cfg = tiny_config(epochs=3, lr=3e-3, frozen_epochs=1)
+    cfg.data.data_dir, cfg.data.val_fraction, cfg.data.num_workers = str(grocery_small), 0.34, 2
     full = train_and_evaluate(cfg, tmp_path / "full")
 
     class Interrupt(Exception):
         pass
 
-    class KillAfterSecondEpoch:
+    class KillAfterFirstEpoch:
         def on_epoch_end(self, epoch, metrics):
-            if epoch == 1:
+            if epoch == 0:
                 raise Interrupt
 
     with pytest.raises(Interrupt):
-        train_and_evaluate(cfg, tmp_path / "killed", callbacks=[KillAfterSecondEpoch()])
-    assert len(pd.read_csv(tmp_path / "killed" / "history.csv")) == 2
+        train_and_evaluate(cfg, tmp_path / "killed", callbacks=[KillAfterFirstEpoch()])
+    assert len(pd.read_csv(tmp_path / "killed" / "history.csv")) == 1
     assert run(["train", "--resume", str(tmp_path / "killed")]) == 0
     resumed = pd.read_csv(tmp_path / "killed" / "history.csv")
     expected = pd.DataFrame(full.history)
-    assert len(resumed) == 3
+    assert len(resumed) == 3 and resumed["backbone_frozen"].tolist() == [True, False, False]
+    assert expected["val_loss"].nunique() == 3  # validation moves from epoch to epoch: the comparison means something
     for col in ["train_loss", "val_loss", "val_macro_f1"]:
         assert resumed[col].tolist() == pytest.approx(expected[col].tolist(), rel=1e-5, abs=1e-6), col
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
@@ -117,7 +120,7 @@ def test_resume_matches_uninterrupted_run(grocery_small, tmp_path):
 
 
 def test_predict_keeps_order_and_reports_unreadable_photos(grocery_small, tmp_path):
-    from pomona.predict import Predictor
+    from pomona.checkpoint import load_run
 
     cfg = tiny_config()
     cfg.data.data_dir, cfg.data.val_fraction = str(grocery_small), 0.34
@@ -125,7 +128,7 @@ def test_predict_keeps_order_and_reports_unreadable_photos(grocery_small, tmp_pa
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
     photos = sorted(str(p) for p in grocery_small.rglob("*.jpg"))[:3]
     paths = [photos[0], str(tmp_path / "broken.jpg"), photos[1], photos[2]]
-    preds = Predictor(tmp_path / "run", device="cpu").predict(paths)
+    preds = load_run(tmp_path / "run", device="cpu").predict(paths)
     assert preds.paths == paths and list(preds.bad) == [str(tmp_path / "broken.jpg")]
     assert preds.labels[1] == "" and all(preds.labels[i] for i in (0, 2, 3))
     frame = preds.to_frame()

@@ -7,6 +7,7 @@ from html.parser import HTMLParser
 import pytest
 
 from pomona.cli import run
+from pomona.report import build_report
 
 from test_pipeline import TINY
 
@@ -66,3 +67,38 @@ def test_report_screenshot_in_headless_chromium(trained_run):
                     f"--user-data-dir={trained_run / '.chromium'}", f"--screenshot={shot}", "--window-size=1280,2400",
                     (trained_run / "report.html").as_uri()], check=True, timeout=120, capture_output=True)
     assert shot.stat().st_size > 20_000
+
+
+def test_report_marks_epochs_shows_na_classes_and_tuning_plots(tmp_path):
+    """A hand-made run folder: a class without validation photos gets "n/a" and a warning, the summary names
+    model, image size and date, the curves mark the best and the unfreeze epoch, tuning plots are included."""
+    import json
+
+    import pandas as pd
+    from PIL import Image
+
+    from pomona.config import Config
+    from pomona.metrics import compute_metrics
+
+    run_dir = tmp_path / "run"
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "plots").mkdir()
+    Config().save(run_dir / "config.json")
+    (run_dir / "run.json").write_text(json.dumps({"model": {"name": "tf_efficientnet_lite0"}, "best_epoch": 2,
+                                                  "preprocessing": {"input_size": 320}}))
+    pd.DataFrame({"epoch": range(4), "train_loss": [1.0, 0.8, 0.6, 0.5], "val_loss": [1.1, 0.9, 0.7, 0.75],
+                  "val_macro_f1": [0.4, 0.6, 0.8, 0.8], "val_accuracy": [0.5, 0.6, 0.8, 0.8],
+                  "backbone_frozen": [True, True, False, False],
+                  "elapsed_seconds": [10, 20, 30, 40]}).to_csv(run_dir / "history.csv", index=False)
+    metrics = compute_metrics([0, 0, 1, 1], [0, 1, 1, 1], ["Fuji", "Gala", "Braeburn"], n_boot=20)
+    assert metrics["per_class"]["Braeburn"]["f1"] is None  # no photos: not defined, not 0
+    (run_dir / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(run_dir / "plots" / "optimization_history.png")
+    page = build_report(run_dir).read_text()
+    checker = _Checker()
+    checker.feed(page)
+    assert not checker.errors and {"summary", "curves", "per-class", "tuning"} <= checker.ids
+    assert "tf_efficientnet_lite0" in page and "320 px" in page and "date" in page
+    assert "at epoch 3 of 4; backbone unfrozen from epoch 3" in page  # best: F1 0.8 with the lower loss
+    assert "Warning: no validation photos of Braeburn" in page and "<td>n/a</td>" in page
+    assert "optimization history" in page

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pomona.datasets import DecodedImages, Preprocessing
-from pomona.engine import create_image_transform
+from pomona.checkpoint import load_run
+from pomona.datasets import DecodedImages
 from pomona.images import BadImageError, load_image
-from pomona.predict import Predictor
+from pomona.preprocessing import Preprocessing, create_eval_transform_np
 
 from conftest import GROCERY, SERVE_CLASSES, held_out_photo, requires_grocery
 
@@ -50,7 +50,7 @@ def test_training_and_predict_skip_strips_with_the_reason(tmp_path, apple_run):
     photo = str(held_out_photo("Pink-Lady"))
     images = DecodedImages(PRE)  # the training path
     assert images.scan([photo, strip]) == [strip] and "aspect ratio" in images.bad[strip]
-    preds = Predictor(apple_run, device="cpu", engine="onnx").predict([photo, strip])  # predict (ONNX engine)
+    preds = load_run(apple_run, device="cpu", engine="onnx").predict([photo, strip])  # predict (ONNX engine)
     assert preds.labels == ["Pink-Lady", ""] and "aspect ratio" in preds.bad[strip]
 
 
@@ -73,20 +73,20 @@ def test_large_photos_are_decoded_reduced_but_never_below_twice_the_target(tmp_p
 
 @requires_grocery
 def test_ordinary_photos_give_the_same_input_and_large_ones_the_same_prediction(tmp_path, apple_run):
-    predictor = Predictor(apple_run, device="cpu", engine="onnx", tta=False)
-    transform = create_image_transform(predictor.pre)
+    run = load_run(apple_run, device="cpu", engine="onnx", tta=False)
+    transform = create_eval_transform_np(run.preprocessing)
     photos = [p for c in SERVE_CLASSES for p in sorted((GROCERY / "val" / c).iterdir())[:5]]
     default = Preprocessing(input_size=320, mean=(0.5,) * 3, std=(0.5,) * 3)  # the default recipe: resize 365
     for p in photos:  # grocery photos are 348 px: not reduced, bit for bit the same image as before
         full = np.asarray(load_image(p))
-        assert np.array_equal(np.asarray(load_image(p, target=predictor.pre.resize_size)), full)
+        assert np.array_equal(np.asarray(load_image(p, target=run.preprocessing.resize_size)), full)
         assert np.array_equal(np.asarray(load_image(p, target=default.resize_size)), full)
     worst = 0.0
     for i, p in enumerate(photos):  # the same photos at 4x: decoded reduced, the model sees nearly the same
         big = _save(Image.open(p).convert("RGB").resize((1392, 1392), Image.BICUBIC), tmp_path / f"{i}.jpg",
                     quality=95)
-        full = predictor.predict_array(transform(load_image(big))[None])[0]
-        reduced = predictor.predict_array(transform(load_image(big, target=predictor.pre.resize_size))[None])[0]
+        full = run.predict_probs(transform(load_image(big))[None])[0]
+        reduced = run.predict_probs(transform(load_image(big, target=run.preprocessing.resize_size))[None])[0]
         assert reduced.argmax() == full.argmax()
         worst = max(worst, float(np.abs(full - reduced).max()))
     print(f"largest probability difference, reduced vs full decode of 4x photos: {worst:.4f}")

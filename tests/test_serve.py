@@ -114,6 +114,28 @@ def test_explain_cli_writes_a_png(apple_run, tmp_path, capsys):
     assert run(["explain", str(apple_run), str(held_out_photo("Pink-Lady")), "--class", "Fuji"]) != 0
 
 
+def test_explain_agrees_with_predict_and_draws_a_legend(apple_run, tmp_path, capsys):
+    from pomona.checkpoint import load_run
+    from pomona.explain import explain_image, render_overlay
+    from pomona.images import load_image
+
+    for i, photo in enumerate([held_out_photo(c, i) for c in SERVE_CLASSES for i in range(2)]):
+        capsys.readouterr()
+        assert run(["predict", str(apple_run), str(photo), "--engine", "onnx"]) == 0
+        predicted = capsys.readouterr().out.split(": ", 1)[1].split()[:2]
+        assert run(["explain", str(apple_run), str(photo), "--engine", "onnx", "--out", str(tmp_path / f"{i}.png")]) == 0
+        explained = capsys.readouterr().out.splitlines()[0].split(": ", 1)[1].split()[:2]
+        assert explained == predicted  # the same class with the same probability: one prediction path
+    run_, image = load_run(apple_run, "cpu"), load_image(held_out_photo("Pink-Lady"))
+    result = explain_image(run_, image)
+    assert result.probs == pytest.approx(run_.predict([held_out_photo("Pink-Lady")]).probs[0], abs=1e-5)
+    plain = np.asarray(render_overlay(image, result.cam, run_.preprocessing, 300, caption=None, legend=False))
+    drawn = np.asarray(render_overlay(image, result.cam, run_.preprocessing, 300, caption="Pink-Lady 97%"))
+    band = 300 - 300 // 9
+    assert np.array_equal(plain[:band], drawn[:band])  # the legend is a band at the bottom ...
+    assert np.abs(plain[band:].astype(int) - drawn[band:]).mean() > 10  # ... with the colour bar and the caption
+
+
 class _Features(torch.nn.Module):
     """A stand-in backbone whose last conv stage is the input itself and whose head pools it."""
 

@@ -46,17 +46,24 @@ def test_show_space_and_bad_space_file(tmp_path, capsys):
         load_search_space(bad)
 
 
-def test_fast_path_gives_the_full_path_f1_for_the_same_head_settings(grocery_small, tmp_path):
+def test_fast_path_gives_the_full_path_f1_for_the_same_head_settings(grocery_small, tmp_path, capsys):
     """One fixed head setting (FixedTrial), frozen backbone, no augmentation: training on cached features gives
-    the per-epoch validation loss and macro-F1 of running the backbone every epoch."""
-    cfg = tiny_config(epochs=3, augment=False, patience=0)
+    the per-epoch losses and macro-F1 of running the backbone every epoch -- with several batches per epoch, an
+    imbalanced training fold, Augmentor balancing (its images are more feature rows), the class-weighted loss and
+    the weighted sampler, none of which the fast path may drop."""
+    from pomona.ablate import make_imbalanced
+
+    cfg = tiny_config(epochs=3, augment=False, patience=0, batch_size=3, class_weighted_loss=True,
+                      weighted_sampler=True)
     cfg.model.freeze_backbone = True
     cfg.model.name, cfg.model.weights = "tf_efficientnet_lite0", "package"  # real features: F1 moves
     cfg.data.data_dir, cfg.data.val_fraction = str(grocery_small), 0.34
+    cfg.balance.mode, cfg.balance.cache_dir = "add=1", str(tmp_path / "balanced")
     space = load_search_space(None)
-    bundle = prepare_data(cfg.data, cfg.seed)
+    bundle = make_imbalanced(prepare_data(cfg.data, cfg.seed), ["Pink-Lady"], 0.5)  # 3, 3 and 2 training photos
     features, fbundle = prepare_features(cfg, bundle, tmp_path / "cache", engine="onnx")
-    assert features.engine == "onnx" and len(features.train) == len(bundle.subset("train"))
+    assert features.engine == "onnx" and len(features.train) == len(bundle.subset("train")) + 3 == 11
+    assert len(fbundle.subset("train")) == 11 and (fbundle.table["source"] != "").sum() == 3  # 3 batches an epoch
 
     fast = Objective(cfg, space, fbundle, tmp_path / "fast", features=features)
     full = Objective(cfg, space, bundle, tmp_path / "full")
@@ -72,6 +79,10 @@ def test_fast_path_gives_the_full_path_f1_for_the_same_head_settings(grocery_sma
     # the cached features are reused, and a different preprocessing gets its own entry
     again, _ = prepare_features(cfg, bundle, tmp_path / "cache", engine="torch")
     assert again.from_cache and again.key == features.key and np.array_equal(again.train, features.train)
+    capsys.readouterr()
+    cfg.train.augment = True  # what the fast path cannot apply is said, not silently dropped
+    prepare_features(cfg, bundle, tmp_path / "cache", engine="torch")
+    assert "crops, flips and rotations are not applied" in capsys.readouterr().out
     cfg.model.img_size = 72
     other, _ = prepare_features(cfg, bundle, tmp_path / "cache", engine="torch")
     assert not other.from_cache and other.key != features.key
@@ -88,6 +99,10 @@ def test_wandb_offline_runs_are_read_back_and_best_trial_retrains(grocery_small,
                                    "train.weight_decay", "train.label_smoothing"}
     assert (out / "plots" / "optimization_history.png").stat().st_size > 1000
     assert (out / "plots" / "optimization_history.html").is_file()
+    printed = capsys.readouterr().out
+    assert "trial 1/2 (#" in printed and "trial 2/2 (#" in printed and "best so far" in printed
+    page = (out / "report.html").read_text()  # the tuning folder's report shows Optuna's plots
+    assert 'id="tuning"' in page and "optimization history" in page and f"Best trial {best['best_trial']}" in page
 
     from pomona.tracking import read_wandb_run
 
@@ -167,3 +182,24 @@ def test_killed_tune_resumes_and_keeps_finished_trials(grocery_small, tmp_path):
     assert len(failed) <= 1 and len(study.trials) == 5 + len(failed)  # the killed trial, retried once
     assert not [t for t in study.trials if t.state in (optuna.trial.TrialState.RUNNING,
                                                       optuna.trial.TrialState.WAITING)]
+
+
+def test_a_worker_killed_right_after_claiming_a_trial_does_not_block_the_study(tmp_path):
+    """The claimed trial already has a heartbeat: when its worker dies before running it, the trial goes stale,
+    is failed and queued again, and the next worker finishes the study instead of waiting for it for ever."""
+    import threading
+
+    from pomona.config import Config, TuneConfig
+    from pomona.study import claim_trial, create_storage, open_study, run_worker
+
+    tcfg = TuneConfig(trials=2, storage=f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1)
+    storage = create_storage(tcfg.storage, tcfg.heartbeat)
+    study = open_study(storage, tcfg, Config(), {})
+    assert claim_trial(study, storage) is not None  # ... and the worker is killed here
+    time.sleep(2.5)  # longer than the grace period (twice the heartbeat)
+    worker = threading.Thread(target=run_worker, args=(study, storage, lambda trial: 0.5, 1, 0.1), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the worker waits for a trial nobody runs"
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2 and states.count(optuna.trial.TrialState.FAIL) == 1

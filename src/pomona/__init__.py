@@ -1,3 +1,19 @@
-"""pomona: train, tune, evaluate and serve EfficientNet classifiers for apple varieties."""
+"""pomona: train, tune, evaluate and serve EfficientNet classifiers for apple varieties.
+
+    from pomona import load_run
+    run = load_run("runs/g1")
+    run.predict(["a.jpg"]).top_k(3)
+
+Importing the package is cheap: `load_run` (from `pomona.checkpoint`) loads PyTorch on first use.
+"""
 
 __version__ = "0.1.0"
+__all__ = ["__version__", "load_run"]
+
+
+def __getattr__(name: str):
+    if name == "load_run":
+        from .checkpoint import load_run
+
+        return load_run
+    raise AttributeError(f"module 'pomona' has no attribute {name!r}")

@@ -14,46 +14,24 @@ epoch's weights, never the epoch that scored best on these same validation image
 from __future__ import annotations
 
 import copy
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
+from .atomic import write_json, write_text
 from .balance import plan_balance
-from .config import Config
+from .checkpoint import TRAINING_STATE, load_run, load_training_state
+from .config import ARMS, AblationSettings, Config
 from .data import DataBundle, prepare_data
 from .metrics import macro_f1
-from .predict import Predictor
+from .predict import score_table
 from .train import train_and_evaluate
 
-ARMS = ("none", "augmentor", "class_weights", "sampler", "none_matched")
-
-
-@dataclass
-class AblationSettings:
-    """What `pomona ablate` compares."""
-
-    arms: Sequence[str] = ARMS
-    """Arms to train: none, augmentor, class_weights, sampler, none_matched."""
-    seeds: int = 3
-    """Training seeds per arm (0..seeds-1); the split and the imbalance are the same for all."""
-    imbalance: float | None = None
-    """Keep only this fraction of the minority classes' training images (None = the data as it is)."""
-    minority: Sequence[str] | None = None
-    """Classes to cut (default: the `n_minority` smallest training classes)."""
-    n_minority: int = 2
-    """How many classes to cut when `minority` is not given."""
-    balance_mode: str = "max"
-    """Balancing of the augmentor arm (see --balance)."""
-    val_every_nth: int = 1
-    """Score on every Nth validation image of each group (near-duplicate video frames; 1 = all)."""
-    n_boot: int = 1000
-    """Bootstrap resamples for the confidence intervals."""
+__all__ = ["AblationSettings", "ARMS", "run_ablation", "make_imbalanced", "thin_validation"]
 
 
 @dataclass
@@ -187,11 +165,10 @@ def run_ablation(base: Config, out: str | Path, settings: AblationSettings, bund
             start = time.perf_counter()
             result = train_and_evaluate(cfg, run_dir, bundle=bundle)
             seconds = time.perf_counter() - start
-            predictor = Predictor(run_dir, device=cfg.device)
+            trained = load_run(run_dir, device=cfg.device, engine="torch")
             # score the last epoch: picking the best epoch on these images would select on the test set
-            last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
-            predictor.model.load_state_dict(last["model"])
-            _, frame = predictor.evaluate(val, n_boot=10)
+            trained.model.load_state_dict(load_training_state(run_dir / TRAINING_STATE)["model"])
+            _, frame = score_table(trained, val, n_boot=10)
             y_pred = np.array([index.get(c, -1) for c in frame["label"]])
             n_train = int((pd.read_csv(run_dir / "split.csv")["subset"] == "train").sum())
             runs.append(ArmRun(arm, seed, y_true, y_pred, seconds, n_train, str(run_dir)))
@@ -211,8 +188,7 @@ def run_ablation(base: Config, out: str | Path, settings: AblationSettings, bund
         rows.append(row)
     info = {"classes": bundle.classes, "minority": minority, "imbalance": settings.imbalance,
             "train_counts_before_cut": before, "train_counts": train_counts, "val_images": len(val),
-            "seeds": settings.seeds, "settings": {k: (list(v) if isinstance(v, (list, tuple)) else v)
-                                                  for k, v in asdict(settings).items()},
+            "seeds": settings.seeds, "settings": {f.name: getattr(settings, f.name) for f in fields(AblationSettings)},
             "recipe": base.to_dict()}
     result = AblationResult(rows, runs, info)
     write_ablation_report(result, out)
@@ -243,6 +219,6 @@ def write_ablation_report(result: AblationResult, out: Path) -> None:
             + (f" (cut to {info['imbalance']:.0%} of their training images)" if info["imbalance"] else "")
             + f". Validation images: {info['val_images']}. Seeds: {info['seeds']}.\n\n"
             + format_ablation_table(result) + "\n")
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"rows": result.rows, "info": info}, indent=2, default=str))
+    write_text(out / "results.md", text)
+    write_json(out / "results.json", {"rows": result.rows, "info": info}, default=str)
     print(text)

@@ -29,11 +29,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
 
+from .atomic import write_csv
 from .config import BalanceConfig
 from .data import DataBundle
+from .errors import PomonaError
 from .images import BadImageError, load_image
+from .progress import Progress
 
 #: Augmentor Pipeline methods that change colours (random_erasing paints noise); refused unless `allow_colour`.
 COLOUR_OPERATIONS = {"random_brightness", "random_color", "random_contrast", "greyscale", "black_and_white",
@@ -47,7 +49,7 @@ _NOT_OPERATIONS = {"sample", "process", "sample_with_array", "status", "set_seed
 MANIFEST = "manifest.csv"
 
 
-class BalanceError(ValueError):
+class BalanceError(PomonaError, ValueError):
     """Bad balancing settings (mode, operations, classes); the message names what is wrong."""
 
 
@@ -269,7 +271,7 @@ def generate_images(sources: pd.DataFrame, plan: BalancePlan, cfg: BalanceConfig
     rows, skipped = [], {}
     start = time.perf_counter()
     saved_state = random.getstate(), np.random.get_state()
-    bar = tqdm(total=sum(plan.extra.values()), desc="balancing", unit="img", mininterval=1.0, disable=None)
+    bar = Progress(total=sum(plan.extra.values()), desc="balancing", unit="img")
     for label, n_new in plan.extra.items():
         frame = sources[sources["label"] == label].sort_values("path").reset_index(drop=True)
         decoded = []
@@ -309,7 +311,7 @@ def generate_images(sources: pd.DataFrame, plan: BalancePlan, cfg: BalanceConfig
     np.random.set_state(saved_state[1])
     manifest = pd.DataFrame(rows, columns=["path", "label", "source", "operations", "seed"]
                             + (["mask", "source_mask"] if with_masks else []))
-    manifest.to_csv(out_dir / MANIFEST, index=False)
+    write_csv(out_dir / MANIFEST, manifest)
     return BalanceResult(manifest, out_dir, plan, time.perf_counter() - start, False, skipped)
 
 
@@ -370,7 +372,7 @@ def balance_training_fold(bundle: DataBundle, cfg: BalanceConfig, seed: int, cac
     manifest = result.manifest.copy()
     for col in [c for c in ("path", "mask") if c in manifest.columns]:
         manifest[col] = [str(folder / Path(p).relative_to(tmp)) for p in manifest[col]]
-    manifest.to_csv(manifest_path, index=False)
+    write_csv(manifest_path, manifest)
     result.manifest, result.folder = manifest, folder
     return _append(bundle, manifest), result
 

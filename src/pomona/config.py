@@ -1,8 +1,12 @@
-"""Settings of a pomona run: one `Config` object made of small dataclasses.
+"""Settings: one small dataclass per concern, and one per subcommand of the `pomona` command.
 
-Each field carries a docstring right below it; the CLI turns those into `--help`. A config file (JSON) holds
-only the fields it changes, like flax's config overrides: `pomona train --config configs/frozen.json`.
-The run folder keeps the full resolved config in `config.json`, so a run can be repeated or resumed from it.
+Each field carries a docstring right below it; the CLI turns those into `--help`, and a `Literal[...]` type into
+the choices a flag accepts (checked when the command line is parsed, and when a config file is read).
+A run's settings are one `Config` object (data, model, train, balance); a config file (YAML or JSON) holds only
+the fields it changes, like flax's config overrides: `pomona train --config configs/frozen.json`. The run folder
+keeps the full resolved config in `config.json`, so a run can be repeated or resumed from it.
+
+This module imports nothing heavy: the CLI builds its parser from it without loading PyTorch.
 """
 
 from __future__ import annotations
@@ -11,25 +15,41 @@ import ast
 import dataclasses
 import inspect
 import json
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from .atomic import write_json
+
+Engine = Literal["auto", "onnx", "torch"]
+
+MAX_ASPECT = 20.0
+"""Default bound on the ratio of an image's longer side to its shorter side (a thin strip resized to the model's
+input would be huge: 16000x1 -> 16000*365 x 365 pixels)."""
 
 
+# ---------------------------------------------------------------------------------------------- run settings
 @dataclass
-class DataConfig:
-    """Where the images come from and how they are split."""
+class InputConfig:
+    """Where photos come from: a folder, or a CSV of image ids and an image folder."""
 
     data_dir: str | None = field(default=None, metadata={"flag": "data"})
-    """Folder-per-class training images (class = sub-folder name)."""
+    """Folder of photos; for training and evaluation one sub-folder per class (class = sub-folder name)."""
     csv: str | None = None
-    """Competition layout: a CSV of image ids and labels (use with --images)."""
+    """Competition layout: a CSV of image ids (and labels, for training and evaluation); use with --images."""
     images: str | None = None
     """Competition layout: the folder holding the images named in --csv."""
     id_column: str = "img_id"
     """CSV column holding the image id (with or without file extension)."""
     label_column: str = "label"
     """CSV column holding the label."""
+
+
+@dataclass
+class DataConfig(InputConfig):
+    """Where the training images come from and how they are split."""
+
     val_data: str | None = None
     """A folder-per-class validation set to use instead of splitting the training data."""
     val_fraction: float = 0.2
@@ -37,7 +57,7 @@ class DataConfig:
     group_by: str | None = None
     """Regex on the file name whose match (or first group) names a near-duplicate group kept on one side
     of the split, e.g. '^(r\\d?_)?' for the filming passes of fruits360."""
-    holdout: str = "random"
+    holdout: Literal["random", "last"] = "random"
     """Which groups go to validation: 'random' (seeded draw per class) or 'last' (the groups that sort last,
     e.g. the last filming pass)."""
     train_every_nth: int = 1
@@ -47,6 +67,9 @@ class DataConfig:
     """Stop with an error when more than this fraction of the images cannot be read."""
     max_pixels: int = 64_000_000
     """Images with more pixels than this are treated as unreadable (decompression-bomb guard)."""
+    max_aspect: float = MAX_ASPECT
+    """Images whose longer side is more than this many times the shorter (thin strips) are treated as
+    unreadable."""
     cache_images: bool = True
     """Decode each image once per run and keep it (resized) in memory."""
     cache_max_mb: int = 4096
@@ -84,16 +107,16 @@ class TrainConfig:
     """Number of epochs."""
     batch_size: int = 32
     """Images per optimisation step."""
-    optimizer: str = "adamw"
-    """adamw, adam, rmsprop or sgd."""
+    optimizer: Literal["adamw", "adam", "rmsprop", "sgd"] = "adamw"
+    """The optimiser."""
     lr: float = 1e-3
     """Peak learning rate of the head (the backbone gets lr * --backbone-lr-mult)."""
     backbone_lr_mult: float = 0.1
     """Learning-rate multiplier of the backbone when fine-tuning."""
     weight_decay: float = 1e-4
     """Weight decay."""
-    schedule: str = "cosine"
-    """cosine, onecycle or constant."""
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    """Learning-rate schedule (cosine with linear warm-up, one-cycle, or constant)."""
     warmup_epochs: float = 1.0
     """Linear learning-rate warm-up (cosine schedule), in epochs."""
     frozen_epochs: int = 2
@@ -118,7 +141,7 @@ class TrainConfig:
     """Maximum random rotation in degrees during training."""
     crop_scale: float = 0.35
     """Smallest area fraction kept by the random resized crop."""
-    color_jitter: float = 0.0
+    colour_jitter: float = field(default=0.0, metadata={"aliases": ["color_jitter"]})
     """Brightness/contrast jitter strength; 0 by default because colour tells varieties apart."""
     rot90: float = 0.0
     """Probability of an extra random quarter turn (90, 180 or 270 degrees) during training: an apple has no
@@ -146,13 +169,14 @@ class BalanceConfig:
     method and the args follow its signature (random_distortion:p:grid_width:grid_height:magnitude)."""
     classes: str | None = field(default=None, metadata={"flag": "balance_classes"})
     """Comma-separated classes to balance (default: every class)."""
-    allow_colour: bool = field(default=False, metadata={"flag": "balance_allow_colour"})
+    allow_colour: bool = field(default=False, metadata={"flag": "balance_allow_colour",
+                                                        "aliases": ["balance_allow_color"]})
     """Allow colour-changing operations (brightness, colour, contrast, greyscale, ...): off because colour
     tells apple varieties apart."""
     cache_dir: str | None = field(default=None, metadata={"flag": "balance_cache"})
     """Folder caching generated images, keyed by the training fold, the settings and the seed (default:
     'balance-cache' next to the run folder)."""
-    image_format: str = field(default="png", metadata={"flag": "balance_format"})
+    image_format: Literal["png", "jpg"] = field(default="png", metadata={"flag": "balance_format"})
     """File format of generated images: 'png' (lossless) or 'jpg' (quality 95, smaller)."""
 
 
@@ -177,7 +201,7 @@ class Config:
         return merge(cls(), d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
@@ -187,11 +211,12 @@ class Config:
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "balance": BalanceConfig}
 
 
+# ---------------------------------------------------------------------------------------------- tuning
 @dataclass
 class SearchParam:
     """One searched setting of `pomona tune`: its distribution, and when it applies."""
 
-    kind: str
+    kind: Literal["int", "float", "categorical"]
     """'int', 'float' or 'categorical'."""
     low: float | None = None
     """Lower bound (int/float)."""
@@ -203,7 +228,7 @@ class SearchParam:
     """Grid step (int/float; None = continuous, or 1 for int)."""
     choices: list | None = None
     """The values of a categorical setting."""
-    only: str | None = None
+    only: Literal["frozen", "finetune"] | None = None
     """'frozen' or 'finetune': searched only with (or without) --freeze-backbone; None = always."""
 
     def __post_init__(self) -> None:
@@ -249,13 +274,12 @@ def default_search_space() -> dict[str, SearchParam]:
 
 
 def load_search_space(path: str | Path | None) -> dict[str, SearchParam]:
-    """The default space, or the one in a JSON file ({"train.lr": {"kind": "float", "low": 1e-5, ...}, ...});
+    """The default space, or the one in a JSON/YAML file ({"train.lr": {"kind": "float", "low": 1e-5, ...}, ...});
     every name must be a Config field."""
     if path is None:
         return default_search_space()
-    raw = json.loads(Path(path).read_text())
     space = {}
-    for name, spec in raw.items():
+    for name, spec in load_overrides(path).items():
         section, _, key = name.partition(".")
         if section not in SECTIONS or key not in {f.name for f in fields(SECTIONS[section])}:
             raise KeyError(f"search space {path}: {name!r} is not a setting (use e.g. 'train.lr', 'model.dropout')")
@@ -274,21 +298,21 @@ class TuneConfig:
     machines gives N workers on one study."""
     study: str = "pomona"
     """Study name within the storage."""
-    sampler: str = "tpe"
+    sampler: Literal["tpe", "random"] = "tpe"
     """tpe (seeded by --seed) or random."""
-    pruner: str = "median"
+    pruner: Literal["median", "none"] = "median"
     """median (stop a trial whose macro-F1 is below the median of earlier trials at the same epoch) or none."""
     pruner_startup_trials: int = 5
     """Trials that finish before the median pruner starts pruning."""
     pruner_warmup_epochs: int = 1
     """Epochs of each trial that are never pruned."""
-    tracker: str = "wandb"
+    tracker: Literal["wandb", "mlflow", "none"] = "wandb"
     """wandb (offline runs under OUT/wandb; `wandb sync` uploads them), mlflow (OUT/mlflow.db; `mlflow ui`) or none."""
     project: str = "pomona"
     """Tracker project (W&B) or experiment (MLflow) name; runs are grouped by study."""
-    fast_path: str = "auto"
+    fast_path: Literal["auto", "on", "off"] = "auto"
     """auto (on when the backbone is frozen), on or off: train heads on cached backbone features."""
-    feature_engine: str = "auto"
+    feature_engine: Engine = "auto"
     """Feature extraction for the fast path: auto (ONNX Runtime on CPU, PyTorch on CUDA), onnx or torch."""
     feature_cache: str | None = None
     """Folder of cached features (default: OUT/features)."""
@@ -296,42 +320,333 @@ class TuneConfig:
     """Seconds between a running trial's heartbeats; a trial silent for twice this long (a killed worker)
     is marked failed and queued again."""
     space: str | None = None
-    """JSON file with the search space (default: the built-in one; see --show-space)."""
+    """JSON or YAML file with the search space (default: the built-in one; see --show-space)."""
     keep_weights: bool = False
     """Keep each full-path trial's model weights (default: only its config and history)."""
 
 
+# ------------------------------------------------------------------------------- settings of each subcommand
+@dataclass(kw_only=True)
+class TrainCommand:
+    """Train a classifier into a run folder (or continue one with --resume)."""
+
+    out: str | None = None
+    """Run folder to create."""
+    resume: str | None = field(default=None, metadata={"metavar": "RUN"})
+    """Continue the interrupted run in RUN from its last epoch, with its own settings."""
+    from_study: str | None = field(default=None, metadata={"metavar": "TUNE_RUN"})
+    """Start from the best trial's settings of a `pomona tune` folder (flags still override)."""
+    config: Config = field(default_factory=Config)
+
+
+@dataclass(kw_only=True)
+class TuneCommand:
+    """Search training settings with Optuna (resumable; many machines share a study through --storage).
+    Defaults differ from `train` in two settings: --freeze-backbone and --epochs 4 (the original system's
+    trials)."""
+
+    out: str | None = None
+    """Run folder (holds the SQLite study, features, trials, tracker runs, results)."""
+    show_space: bool = False
+    """Print the search space and exit."""
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    config: Config = field(default_factory=Config)
+
+
+@dataclass(kw_only=True)
+class ScoringConfig(InputConfig):
+    """How photos are scored: device, engine, test-time augmentation, batch size."""
+
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    engine: Engine = "auto"
+    """auto = ONNX Runtime when the run has an up-to-date model.onnx (pomona export), else PyTorch."""
+    tta: bool | None = None
+    """Average with the left-right flip (default: as the run was trained)."""
+    threads: int | None = None
+    """ONNX Runtime threads (default: one per core)."""
+    batch_size: int = 32
+    """Photos per model call."""
+
+
+@dataclass(kw_only=True)
+class EvaluateCommand(ScoringConfig):
+    """Score a run on a labelled folder or CSV: metrics.json, confusion_matrix.png, predictions.csv,
+    report.html."""
+
+    run: str = field(metadata={"positional": True})
+    """Run folder."""
+    out: str | None = None
+    """Output folder (default: RUN/eval)."""
+
+
+@dataclass(kw_only=True)
+class PredictCommand(ScoringConfig):
+    """Predict varieties: a submission CSV for --csv/--images, or the top-k of photos, globs ("photos/*.jpg")
+    and --data folders, printed or written to --out."""
+
+    run: str = field(metadata={"positional": True})
+    """Run folder."""
+    files: list[str] = field(default_factory=list, metadata={"positional": True})
+    """Photos to classify; shell-style patterns such as "photos/*.jpg" (quoted) are expanded by pomona."""
+    out: str | None = None
+    """File to write (a submission CSV with --csv)."""
+    format: Literal["csv", "json"] | None = None
+    """Output format (default: csv for --out, or by its .json extension; a readable list on the terminal)."""
+    sample_submission: str | None = None
+    """Take the submission header from this CSV."""
+    top_k: int = 3
+    """Classes shown per photo."""
+
+
+@dataclass(kw_only=True)
+class ReportCommand:
+    """(Re)write RUN/report.html from the run folder and its evaluation (a tuning folder: its plots)."""
+
+    run: str = field(metadata={"positional": True})
+    """Run folder (of `pomona train` or `pomona tune`)."""
+    eval_dir: str | None = None
+    """Evaluation folder to show (default: RUN/eval)."""
+
+
+@dataclass(kw_only=True)
+class ExportCommand:
+    """Export a run's model to ONNX or TorchScript, checked against PyTorch (max |logit difference|)."""
+
+    run: str = field(metadata={"positional": True})
+    """Run folder."""
+    format: Literal["onnx", "torchscript"] = "onnx"
+    """Exported format."""
+    out: str | None = None
+    """Folder for the exported model (default: the run folder)."""
+    opset: int = 17
+    """ONNX opset."""
+    tolerance: float = 1e-3
+    """Largest accepted |exported - PyTorch| logit difference."""
+
+
+@dataclass(kw_only=True)
+class ServeCommand:
+    """Serve a run: a web page at /, JSON at POST /predict, Grad-CAM at POST /explain, GET /health."""
+
+    run: str = field(metadata={"positional": True})
+    """Run folder."""
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0 = every network interface)."""
+    port: int = 8000
+    """TCP port to listen on."""
+    engine: Engine = "auto"
+    """'auto' (ONNX Runtime when the run has an up-to-date ONNX export, else PyTorch), 'onnx' or 'torch'."""
+    threads: int = 0
+    """ONNX Runtime threads per model call (0 = one per CPU core)."""
+    tta: bool = True
+    """Average each prediction with that of the left-right flipped photo (twice the compute)."""
+    max_upload_mb: float = 10.0
+    """Largest accepted request body in MB; larger uploads are refused with 413 before they are read."""
+    max_pixels: int = 50_000_000
+    """Largest accepted image in pixels, read from the header before decoding (decompression-bomb guard)."""
+    max_aspect: float = MAX_ASPECT
+    """Largest accepted ratio of an image's longer side to its shorter side; thinner strips get 422."""
+    decode_threads: int = 0
+    """Photos decoded at the same time (0 = one per CPU core); other uploads wait their turn, so several large
+    images never hold a full decode each at once. Large photos are decoded reduced, to about twice the model's
+    resize size."""
+    max_batch: int = 16
+    """Most concurrent requests answered by one model call."""
+    max_concurrency: int = 16
+    """Requests processed at once (upload read, decoded, classified); more wait in the queue. Idle connections,
+    /health and the page do not count."""
+    max_queue: int = 256
+    """Requests waiting for a free slot; when the queue is full, new ones get 503 with a Retry-After header."""
+    queue_timeout: float = 30.0
+    """Seconds a request may wait in the queue; then it gets 503 with Retry-After."""
+    retry_after: int = 2
+    """Seconds a 503 answer asks the client to wait before trying again (the Retry-After header)."""
+    header_timeout: float = 10.0
+    """Seconds a connection may stay without a request in progress (from connecting, or from its previous
+    response) before its request's headers are complete; silent or trickling connections are then closed."""
+    body_timeout: float = 60.0
+    """Seconds a client has to send its upload once the request is processed; slower uploads get 408."""
+    keep_alive_timeout: int = 5
+    """Seconds an idle keep-alive connection stays open after a response."""
+    max_connections: int = 512
+    """Open TCP connections; past this, the connection idle longest (for more than a second) is closed, never one
+    with a request in progress."""
+    explain: bool = True
+    """Serve Grad-CAM overlays (/explain; loads the PyTorch model too)."""
+    cam_size: int = 448
+    """Side in pixels of the Grad-CAM overlay image."""
+
+
+@dataclass(kw_only=True)
+class ExplainCommand:
+    """Grad-CAM overlay of a photo: where the model looked for the variety it predicts (or --class)."""
+
+    run: str = field(metadata={"positional": True})
+    """Run folder."""
+    photo: str = field(metadata={"positional": True})
+    """The photo to explain."""
+    out: str | None = None
+    """PNG to write (default: PHOTO_gradcam.png in the current folder)."""
+    class_name: str | None = field(default=None, metadata={"flag": "class"})
+    """Explain this class instead of the predicted one."""
+    size: int = 448
+    """Side of the overlay image in pixels."""
+    engine: Engine = "auto"
+    """Engine of the probabilities shown (as `pomona predict`); the map itself is computed with PyTorch."""
+    tta: bool | None = None
+    """Average with the left-right flip (default: as the run was trained), as `pomona predict` does."""
+
+
+@dataclass(kw_only=True)
+class BalanceCommand(InputConfig):
+    """Generate Augmentor images that balance a labelled folder: images + manifest.csv in --out (only the
+    generated images; to balance inside training, after the split, use `pomona train --balance`)."""
+
+    out: str
+    """Output folder (images in <class>/ sub-folders, manifest.csv)."""
+    masks: str | None = None
+    """Folder of masks mirroring --data (same class/name): transformed with their images
+    (Augmentor.DataPipeline), written under OUT/masks/."""
+    seed: int = 0
+    """Seed (same seed, same files)."""
+    balance: BalanceConfig = field(default_factory=BalanceConfig, metadata={"skip": ["cache_dir"]})
+
+
+@dataclass(kw_only=True)
+class PreviewCommand:
+    """Write a PNG grid of one photo under the online augmentation and the Augmentor balancing operations."""
+
+    image: str = field(metadata={"positional": True})
+    """A photo."""
+    out: str = "augment_preview.png"
+    """PNG to write."""
+    n: int = 11
+    """Augmented samples per pipeline."""
+    show: Literal["online", "balance", "both"] = "both"
+    """Which pipelines to show."""
+    config: Config = field(default_factory=Config)
+
+
+ARMS = ("none", "augmentor", "class_weights", "sampler", "none_matched")
+
+
+@dataclass(kw_only=True)
+class AblationSettings:
+    """What `pomona ablate` compares."""
+
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    """Arms to train, comma-separated: none, augmentor, class_weights, sampler, none_matched (plain training with
+    as many optimisation steps as augmentor)."""
+    seeds: int = 3
+    """Training seeds per arm (0..seeds-1); the split and the imbalance are the same for all."""
+    imbalance: float | None = None
+    """Keep only this fraction of the minority classes' training images, e.g. 0.2 (default: the data as it is)."""
+    minority: list[str] | None = None
+    """Comma-separated classes to cut (default: the --n-minority smallest training classes)."""
+    n_minority: int = 2
+    """How many classes to cut when --minority is not given."""
+    balance_mode: str = "max"
+    """Balancing of the augmentor arm (see --balance)."""
+    val_every_nth: int = 1
+    """Score on every Nth validation image of each group (near-duplicate video frames; 1 = all)."""
+    n_boot: int = 1000
+    """Bootstrap resamples for the confidence intervals."""
+
+
+@dataclass(kw_only=True)
+class AblateCommand(AblationSettings):
+    """Train without balancing, with Augmentor balancing, class weights and a weighted sampler on the same split
+    and seeds; write results.md and results.json (macro-F1 with bootstrap CIs, minority-class F1, time)."""
+
+    out: str
+    """Folder for the runs and results.md/results.json."""
+    config: Config = field(default_factory=Config)
+
+
+@dataclass(kw_only=True)
+class FetchCommand:
+    """Download a public demo data set into the cache and print its path."""
+
+    name: Literal["grocery-apples"] = field(metadata={"positional": True})
+    """The data set."""
+    cache_dir: str | None = None
+    """Where to keep it (default: ~/.cache/pomona)."""
+    url: str | None = None
+    """Archive URL (default: the public GroceryStoreDataset archive)."""
+
+
+# ------------------------------------------------------------------------------------- overrides and checks
+RENAMED = {"color_jitter": "colour_jitter"}
+"""Old setting names still read from config files and run folders."""
+
+
 def merge(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """Return a copy of `cfg` with `overrides` ({"train": {"epochs": 3}, "seed": 1}) applied; unknown keys
-    raise, so a typo in a config file never goes unnoticed."""
+    """Return a copy of `cfg` with `overrides` ({"train": {"epochs": 3}, "seed": 1}) applied; unknown keys and
+    values outside a setting's choices raise, so a typo in a config file never goes unnoticed."""
     cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name)) for name in SECTIONS})
     for key, value in overrides.items():
         if key in SECTIONS:
             section = getattr(cfg, key)
-            known = {f.name for f in fields(section)}
             for k, v in value.items():
-                if k not in known:
-                    raise KeyError(f"unknown setting {key}.{k}; known: {sorted(known)}")
-                setattr(section, k, v)
-        elif key in {f.name for f in fields(Config)}:
-            setattr(cfg, key, value)
+                set_field(section, RENAMED.get(k, k), v, prefix=f"{key}.")
         else:
-            raise KeyError(f"unknown setting {key!r}")
+            set_field(cfg, key, value)
     return cfg
 
 
+def set_field(obj: Any, name: str, value: Any, prefix: str = "") -> None:
+    """Set a field of a settings dataclass, checking that it exists and that the value is one of its choices."""
+    known = {f.name for f in fields(obj)}
+    if name not in known or name in SECTIONS and isinstance(obj, Config):
+        raise KeyError(f"unknown setting {prefix}{name}; known: {sorted(known)}")
+    allowed = choices(typing.get_type_hints(type(obj))[name])
+    if allowed and value not in allowed:
+        raise ValueError(f"{prefix}{name} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+    setattr(obj, name, value)
+
+
+def choices(hint: Any) -> tuple | None:
+    """The values of a `Literal[...]` type (also inside `| None`), else None."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    for arg in typing.get_args(hint):
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg) + ((None,) if type(None) in typing.get_args(hint) else ())
+    return None
+
+
+def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
+    """`cfg` with dotted settings ({"train.lr": 1e-4}) replaced."""
+    overrides: dict = {}
+    for name, value in params.items():
+        section, key = name.split(".", 1)
+        overrides.setdefault(section, {})[key] = value
+    return merge(cfg, overrides)
+
+
 def load_overrides(path: str | Path) -> dict[str, Any]:
-    """Read a config file holding only the settings it changes."""
-    return json.loads(Path(path).read_text())
+    """Read a config file (YAML for .yaml/.yml, else JSON) holding only the settings it changes."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file holds a mapping of settings, not {type(data).__name__}")
+    return data
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass (used for --help)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+    """The docstring written under each field of a dataclass and of its dataclass bases (used for --help)."""
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs

@@ -3,7 +3,10 @@
 
 The map is taken at the last convolutional stage of the backbone (timm's `forward_features`: conv_head + BN +
 activation, the feature map that global pooling averages), weighted by the gradient of the chosen class's logit,
-and drawn over the centre crop the model saw, at display resolution.
+and drawn over the centre crop the model saw, at display resolution, with a legend (the colour scale and the
+class shown with its probability). The probabilities come from the run's own prediction path
+(`LoadedRun.predict_probs`: its engine, test-time views and members), so the class explained by default is the
+one `pomona predict` gives; the map itself is computed on the (first member's) PyTorch model.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .datasets import Preprocessing
+from .atomic import atomic_write
+from .checkpoint import LoadedRun
+from .errors import PomonaError
 from .model import AppleNet
+from .preprocessing import Preprocessing, create_eval_transform_np
 
 
-class ExplainError(ValueError):
+class ExplainError(PomonaError, ValueError):
     """A Grad-CAM request that cannot be answered (e.g. a class the model does not know)."""
 
 
@@ -57,15 +63,15 @@ def grad_cam(model: AppleNet, x: torch.Tensor, class_index: int | None = None) -
     return cam.numpy().astype(np.float32), index, probs
 
 
-def explain_image(model: AppleNet, image: Image.Image, pre: Preprocessing, classes: list[str],
-                  class_name: str | None = None) -> Explanation:
-    """Grad-CAM of a decoded RGB photo for `class_name` (default: the predicted class)."""
-    from .engine import create_image_transform
-
+def explain_image(run: LoadedRun, image: Image.Image, class_name: str | None = None) -> Explanation:
+    """Grad-CAM of a decoded RGB photo for `class_name` (default: the class `run` predicts for it)."""
+    classes = run.classes
     if class_name is not None and class_name not in classes:
         raise ExplainError(f"unknown class {class_name!r}; the model knows {classes}")
-    x = torch.from_numpy(create_image_transform(pre)(image))[None]
-    cam, index, probs = grad_cam(model, x, None if class_name is None else classes.index(class_name))
+    x = create_eval_transform_np(run.preprocessing)(image)[None]
+    probs = run.predict_probs(x)[0]
+    index = int(probs.argmax()) if class_name is None else classes.index(class_name)
+    cam, _, _ = grad_cam(run.model.cpu(), torch.from_numpy(x), index)
     return Explanation(cam, index, classes[index], probs)
 
 
@@ -79,8 +85,9 @@ def crop_as_model_sees(image: Image.Image, pre: Preprocessing, size: int) -> Ima
 
 
 def render_overlay(image: Image.Image, cam: np.ndarray, pre: Preprocessing, size: int = 448,
-                   alpha: float = 0.45) -> Image.Image:
-    """The heat map (matplotlib's 'jet': red = most important) blended over the model's view of the photo."""
+                   alpha: float = 0.45, caption: str | None = None, legend: bool = True) -> Image.Image:
+    """The heat map (matplotlib's 'jet': red = most important) blended over the model's view of the photo, with a
+    legend band at the bottom: the colour scale and `caption` (e.g. the class and its probability)."""
     from matplotlib import colormaps
 
     base = crop_as_model_sees(image.convert("RGB"), pre, size)
@@ -88,17 +95,44 @@ def render_overlay(image: Image.Image, cam: np.ndarray, pre: Preprocessing, size
     colored = colormaps["jet"](np.asarray(heat, dtype=np.float32) / 255.0)[..., :3]
     weight = alpha * (0.25 + 0.75 * np.asarray(heat, dtype=np.float32)[..., None] / 255.0)
     blended = (1 - weight) * np.asarray(base, dtype=np.float32) / 255.0 + weight * colored
-    return Image.fromarray(np.clip(blended * 255 + 0.5, 0, 255).astype(np.uint8), "RGB")
+    overlay = Image.fromarray(np.clip(blended * 255 + 0.5, 0, 255).astype(np.uint8), "RGB")
+    return draw_legend(overlay, caption) if legend else overlay
 
 
-def overlay_png(image: Image.Image, cam: np.ndarray, pre: Preprocessing, size: int = 448) -> bytes:
+def draw_legend(overlay: Image.Image, caption: str | None) -> Image.Image:
+    """A darkened band along the bottom of `overlay` holding `caption` and the colour scale ('jet', from "less"
+    to "more" important)."""
+    from matplotlib import colormaps
+    from PIL import ImageDraw, ImageFont
+
+    w, h = overlay.size
+    band = max(18, h // 9)
+    pixels = np.asarray(overlay, dtype=np.float32).copy()
+    pixels[h - band:] *= 0.3
+    out = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(out)
+    pad, bar_w, bar_h = max(2, band // 8), w // 3, max(4, band // 3)
+    small = ImageFont.load_default(size=max(8, band // 4))
+    ramp = (np.asarray(colormaps["jet"](np.linspace(0, 1, bar_w)))[:, :3] * 255).astype(np.uint8)
+    left, top = w - bar_w - pad, h - band + pad
+    out.paste(Image.fromarray(np.repeat(ramp[None], bar_h, axis=0), "RGB"), (left, top))
+    draw.text((left, top + bar_h + 1), "less", fill="white", font=small)
+    draw.text((w - pad, top + bar_h + 1), "more important", fill="white", font=small, anchor="ra")
+    if caption:
+        draw.text((pad * 2, h - band / 2), caption, fill="white", font=ImageFont.load_default(size=max(9, band * 2 // 5)),
+                  anchor="lm")
+    return out
+
+
+def overlay_png(image: Image.Image, explanation: Explanation, pre: Preprocessing, size: int = 448) -> bytes:
+    """The overlay of an explanation as PNG bytes, captioned with its class and probability."""
+    caption = f"Grad-CAM: {explanation.class_name} {explanation.probs[explanation.class_index]:.0%}"
     buffer = io.BytesIO()
-    render_overlay(image, cam, pre, size).save(buffer, format="PNG", optimize=True)
+    render_overlay(image, explanation.cam, pre, size, caption=caption).save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
 
 
-def save_overlay(image: Image.Image, cam: np.ndarray, pre: Preprocessing, out: str | Path, size: int = 448) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(overlay_png(image, cam, pre, size))
-    return out
+def save_overlay(image: Image.Image, explanation: Explanation, pre: Preprocessing, out: str | Path,
+                 size: int = 448) -> Path:
+    png = overlay_png(image, explanation, pre, size)
+    return atomic_write(out, lambda tmp: Path(tmp).write_bytes(png))

@@ -10,7 +10,6 @@ copied there too, so that folder alone can be served or used with `predict`.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,14 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .datasets import Preprocessing
-from .engine import EXPORT_INFO, ONNX_FILE, TORCHSCRIPT_FILE, OnnxEngine, sha256_file
-from .train import load_run
+from .atomic import atomic_write, write_json
+from .checkpoint import EXPORT_INFO, ONNX_FILE, TORCHSCRIPT_FILE, copy_run_info, load_run, weights_sha256
+from .engine import OnnxEngine
+from .errors import PomonaError
+from .onnx_io import export_onnx
+from .preprocessing import Preprocessing
 
 FORMATS = ("onnx", "torchscript")
 
 
-class ExportError(RuntimeError):
+class ExportError(PomonaError, RuntimeError):
     """The exported model does not reproduce the PyTorch model (or could not be written)."""
 
 
@@ -47,25 +49,7 @@ def create_check_batch(pre: Preprocessing, n: int, seed: int = 0) -> torch.Tenso
     return torch.randn(n, 3, pre.input_size, pre.input_size, generator=g)
 
 
-def export_onnx_file(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int = 17,
-                     metadata: dict | None = None) -> None:
-    """Trace `model` to ONNX with a dynamic batch axis; `metadata` goes into the model's metadata_props."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer and deprecation warnings about the TorchScript-based exporter
-        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-                          do_constant_folding=True)
-    if metadata:
-        import onnx
-
-        proto = onnx.load(str(path))
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(proto, str(path))
-
-
-def export_torchscript_file(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+def export_torchscript_file(model: torch.nn.Module, example: torch.Tensor, path: str | Path) -> None:
     """Trace and freeze `model` (batch size stays free: EfficientNet has no batch-dependent shapes)."""
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -94,16 +78,18 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
     run_dir = Path(run_dir)
     out_dir = Path(out) if out else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, info = load_run(run_dir, "cpu")
-    model = model.float().eval()
-    pre = Preprocessing.from_dict(info["preprocessing"])
+    run = load_run(run_dir, "cpu", engine="torch")
+    model = run.module.float().eval()  # the model itself, or the members averaged at the run's temperature
+    info = run.info
     batch_sizes = (1, 5)
-    batches = [create_check_batch(pre, n, seed=n) for n in batch_sizes]
+    batches = [create_check_batch(run.preprocessing, n, seed=n) for n in batch_sizes]
     path = out_dir / (ONNX_FILE if fmt == "onnx" else TORCHSCRIPT_FILE)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    checked: dict = {}
+
+    def write_checked(tmp: str) -> None:
+        """Write the export to `tmp` and compare it with PyTorch; refused (nothing kept) beyond the tolerance."""
         if fmt == "onnx":
-            export_onnx_file(model, batches[0], tmp, opset, {
+            export_onnx(model, batches[0], tmp, opset, metadata={
                 "pomona.classes": json.dumps(info["classes"]),
                 "pomona.preprocessing": json.dumps(info["preprocessing"]),
                 "pomona.model": json.dumps(info["model"])})
@@ -113,19 +99,19 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
             export_torchscript_file(model, batches[0], tmp)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                loaded = torch.jit.load(str(tmp), map_location="cpu")
+                loaded = torch.jit.load(tmp, map_location="cpu")
             diff, agree = compare_logits(model, lambda x: loaded(x).numpy(), batches)
         if not diff <= tolerance:
             raise ExportError(f"{fmt} export of {run_dir} disagrees with PyTorch: max |logit difference| "
                               f"{diff:.2e} > tolerance {tolerance:.0e}; nothing was written")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    result = ExportResult(fmt, path.name, diff, tolerance, agree, batch_sizes, opset if fmt == "onnx" else None,
-                          sha256_file(run_dir / "model.safetensors"))
+        checked.update(diff=diff, agree=agree)
+
+    atomic_write(path, write_checked)
+    result = ExportResult(fmt, path.name, checked["diff"], tolerance, checked["agree"], batch_sizes,
+                          opset if fmt == "onnx" else None, weights_sha256(run_dir, info))
     write_export_info(out_dir, result, info)
     if out_dir.resolve() != run_dir.resolve():
-        shutil.copy2(run_dir / "run.json", out_dir / "run.json")
+        copy_run_info(run_dir, out_dir)
     return result
 
 
@@ -136,8 +122,7 @@ def write_export_info(out_dir: Path, result: ExportResult, info: dict) -> Path:
     data[result.format] = {**asdict(result), "classes": info["classes"], "preprocessing": info["preprocessing"],
                            "torch_version": torch.__version__,
                            "onnxruntime_version": _onnxruntime_version() if result.format == "onnx" else None}
-    path.write_text(json.dumps(data, indent=2))
-    return path
+    return write_json(path, data)
 
 
 def _onnxruntime_version() -> str:

@@ -2,17 +2,19 @@
 
 With a frozen backbone (the original system's recipe) every epoch of `train_and_evaluate` runs the same backbone
 over the same images. Here the pooled features of every training and validation image (and of the validation
-images' left-right flips, for test-time augmentation) are computed once, in batches, with ONNX Runtime on CPU
+images' test-time views, e.g. their left-right flips) are computed once, in batches, with ONNX Runtime on CPU
 (measured ~2-4x faster than eager PyTorch there) or PyTorch, and kept in `CACHE/<model>-<key>.npz`, keyed by the
-model name, the backbone's weights, the preprocessing and the image list (paths, sizes, modification times).
-`train_head_on_features` then trains the same `Head`, with the same optimiser, schedule, loss, seeding, data order
-and early stopping as `train_and_evaluate`, on those features: one trial takes seconds instead of minutes.
+model name, the backbone's weights, the preprocessing, the views and the image list (paths, sizes, modification
+times). `train_head_on_features` then runs training's own epoch loop (`train.fit`) on those features: the same
+head, optimiser, schedule, loss (class weights included), sampler (the weighted sampler included), seeding, data
+order, EMA and early stopping. One trial takes seconds instead of minutes.
 
-What it gives up: the cached features are of the un-augmented images (validation preprocessing), exactly as in the
-original system, which froze the backbone and cached nothing augmented. Random crops, flips and rotations of the
-training images are therefore not applied on this path; `--no-augment` makes the full path match it (a test checks
-that both then give the same macro-F1 for the same head settings). Images that a balancing step wrote to disk are
-ordinary training images here: they are in the image list, so their features are cached once like the others.
+What it honours and what it cannot: images a `--balance` step generates are ordinary training images here (they
+are added to the image list before the features are computed, as full training adds them before training).
+The cached features are of the un-augmented images (validation preprocessing), exactly as in the original
+system, which froze the backbone and cached nothing augmented: random crops, flips and rotations cannot be applied
+on this path, and `prepare_features` says so when they are switched on. `--no-augment` makes the full path match
+it (a test checks that both then give the same history for the same head settings).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -32,26 +34,30 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .config import Config
 from .data import DataBundle
-from .datasets import DecodedImages, ImageDataset, Preprocessing, create_eval_transform, resolve_preprocessing
-from .model import AppleNet, create_backbone, create_model
-from .train import (Callback, TrainResult, check_images, create_ema, create_loss, create_optimizer, create_scheduler,
-                    resolve_device, score_probs, seed_everything, train_one_epoch)
+from .datasets import DecodedImages, ImageDataset
+from .model import AppleNet, create_backbone, create_model, resolve_device
+from .onnx_io import export_onnx, onnx_session, onnxruntime_available
+from .preprocessing import Preprocessing, create_eval_transform, resolve_preprocessing
+from .progress import Progress, write
+from .train import (Callback, TrainResult, create_loss, create_train_loader, fit, prepare_training_data, score_probs,
+                    seed_everything)
+from .tta import apply_view, average_probs, views_for
 
-FEATURE_FORMAT = 1  # bump when the way features are computed changes, so old caches are not reused
+FEATURE_FORMAT = 2  # bump when the way features are computed changes, so old caches are not reused
 
 
 @dataclass
 class FeatureSet:
-    """Backbone features of a split: training rows, validation rows (and their flips), targets, classes."""
+    """Backbone features of a split: training rows and their targets, validation rows per test-time view (the
+    image itself is view 'identity') and their targets, the classes."""
 
     train: np.ndarray
     train_targets: np.ndarray
-    val: np.ndarray
-    val_flipped: np.ndarray | None
+    val_views: dict[str, np.ndarray]
     val_targets: np.ndarray
     classes: list[str]
     key: str
@@ -60,12 +66,16 @@ class FeatureSet:
     from_cache: bool = False
     engine: str = ""
 
+    @property
+    def val(self) -> np.ndarray:
+        return self.val_views["identity"]
+
 
 @dataclass
 class FeatureTrainResult(TrainResult):
     """A `TrainResult` plus the best epoch's validation probabilities (for a confusion matrix)."""
 
-    val_probs: np.ndarray | None = None
+    val_probs: np.ndarray | None = field(default=None)
 
 
 def resolve_engine(engine: str, device: torch.device) -> str:
@@ -73,13 +83,7 @@ def resolve_engine(engine: str, device: torch.device) -> str:
     if engine not in ("auto", "onnx", "torch"):
         raise ValueError(f"unknown feature engine {engine!r}: auto, onnx or torch")
     if engine == "auto":
-        if device.type != "cpu":
-            return "torch"
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "onnx"
+        return "onnx" if device.type == "cpu" and onnxruntime_available() else "torch"
     return engine
 
 
@@ -88,10 +92,11 @@ def _file_signature(path: str) -> list:
     return [path, st.st_size, st.st_mtime_ns]
 
 
-def feature_key(model_name: str, backbone: nn.Module, pre: Preprocessing, bundle: DataBundle, tta: bool) -> str:
-    """sha256 of everything the features depend on: model, weights, preprocessing, images (and their order)."""
+def feature_key(model_name: str, backbone: nn.Module, pre: Preprocessing, bundle: DataBundle,
+                views: tuple[str, ...]) -> str:
+    """sha256 of everything the features depend on: model, weights, preprocessing, views, images (and order)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"format": FEATURE_FORMAT, "model": model_name, "pre": pre.to_dict(), "tta": tta,
+    h.update(json.dumps({"format": FEATURE_FORMAT, "model": model_name, "pre": pre.to_dict(), "views": list(views),
                          "classes": bundle.classes}, sort_keys=True).encode())
     for name, tensor in sorted(backbone.state_dict().items()):
         h.update(name.encode())
@@ -109,10 +114,12 @@ def create_extractor(backbone: nn.Module, pre: Preprocessing, engine: str, devic
     backbone = backbone.eval()
     if engine == "onnx":
         try:
-            return _onnx_extractor(backbone, pre, workdir), "onnx"
+            path = export_onnx(backbone.cpu(), torch.zeros(2, 3, pre.input_size, pre.input_size),
+                               workdir / "backbone.onnx", input_name="x", output_name="features")
+            session = onnx_session(path)
+            return (lambda x: session.run(None, {"x": x.numpy()})[0]), "onnx"
         except Exception as e:  # exporter and runtime raise many types
-            tqdm.write(f"ONNX Runtime unavailable for this backbone ({type(e).__name__}: {str(e)[:200]}); "
-                       "using PyTorch")
+            write(f"ONNX Runtime unavailable for this backbone ({type(e).__name__}: {str(e)[:200]}); using PyTorch")
     model = backbone.to(device).to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
@@ -122,36 +129,13 @@ def create_extractor(backbone: nn.Module, pre: Preprocessing, engine: str, devic
     return run, "torch"
 
 
-def _onnx_extractor(backbone: nn.Module, pre: Preprocessing, workdir: Path) -> Callable[[torch.Tensor], np.ndarray]:
-    import warnings
-
-    import onnxruntime as ort
-
-    path = workdir / "backbone.onnx"
-    example = torch.zeros(2, 3, pre.input_size, pre.input_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(backbone.cpu(), example, str(path), dynamo=False, input_names=["x"],
-                          output_names=["features"], dynamic_axes={"x": {0: "batch"}, "features": {0: "batch"}},
-                          opset_version=17)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def run(x: torch.Tensor) -> np.ndarray:
-        return session.run(None, {"x": x.numpy()})[0]
-
-    return run
-
-
 def extract_features(extract: Callable[[torch.Tensor], np.ndarray], paths: list[str], images: DecodedImages,
-                     pre: Preprocessing, batch_size: int = 32, flip: bool = False, desc: str = "features",
+                     pre: Preprocessing, batch_size: int = 32, view: str = "identity", desc: str = "features",
                      ) -> np.ndarray:
-    """Features of `paths` under the validation preprocessing (left-right flipped when `flip`)."""
+    """Features of `paths` under the validation preprocessing, seen through a test-time `view`."""
     loader = DataLoader(ImageDataset(paths, None, images, create_eval_transform(pre)), batch_size=batch_size)
-    out = []
-    for x, _ in tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0, disable=None):
-        out.append(extract(torch.flip(x, dims=[3]) if flip else x))
+    out = [extract(apply_view(x, view).contiguous()) for x, _ in Progress(loader, desc=desc, unit="batch",
+                                                                           count=lambda batch: len(batch[1]))]
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
 
 
@@ -168,57 +152,65 @@ def _locked(path: Path):
 
 
 def prepare_features(cfg: Config, bundle: DataBundle, cache_dir: str | Path, engine: str = "auto",
-                     ) -> tuple[FeatureSet, DataBundle]:
+                     run_dir: str | Path | None = None) -> tuple[FeatureSet, DataBundle]:
     """The cached features of `bundle` for `cfg`'s backbone, computing and saving them on a miss.
 
-    Returns the features and the bundle without unreadable images (as `train_and_evaluate` would drop them).
+    As full training does, the training fold is first balanced (`cfg.balance`; balance.json goes into `run_dir`,
+    the images are cached next to it, or next to `cache_dir`) and unreadable images are dropped; returns the
+    features and that bundle.
     """
     cache_dir = Path(cache_dir)
     device = resolve_device(cfg.device)
+    if cfg.train.augment:
+        write("fast path: heads train on cached features of un-augmented images, as in the original system (its "
+              "backbone was frozen); crops, flips and rotations are not applied (--fast-path off applies them)")
     seed_everything(cfg.seed)  # as train_and_evaluate does: with --weights none, every worker gets one backbone
     backbone = create_backbone(cfg.model.name, cfg.model.weights, num_classes=0).eval()
     pre = resolve_preprocessing(backbone, cfg.model.img_size)
-    images = DecodedImages(pre, cfg.data.max_pixels, cfg.data.cache_max_mb << 20, cfg.data.cache_images)
-    bundle = check_images(bundle, images, cfg.data.max_bad_fraction)
-    key = feature_key(cfg.model.name, backbone, pre, bundle, cfg.train.tta)
+    bundle, images = prepare_training_data(cfg, bundle, pre, Path(run_dir or cache_dir), write_info=bool(run_dir))
+    views = views_for(cfg.train.tta)
+    key = feature_key(cfg.model.name, backbone, pre, bundle, views)
     path = cache_dir / f"{cfg.model.name}-{key[:20]}.npz"
     train_frame, val_frame = bundle.subset("train"), bundle.subset("val")
     targets = (np.asarray(bundle.targets(train_frame), np.int64), np.asarray(bundle.targets(val_frame), np.int64))
     with _locked(cache_dir / ".lock"):
         if path.is_file():
             with np.load(path) as z:
-                flipped = z["val_flipped"] if "val_flipped" in z.files else None
-                return FeatureSet(z["train"], targets[0], z["val"], flipped, targets[1], bundle.classes, key,
-                                  from_cache=True, engine=str(z["engine"])), bundle
+                return FeatureSet(z["train"], targets[0], {v: z[f"val_{v}"] for v in views}, targets[1],
+                                  bundle.classes, key, from_cache=True, engine=str(z["engine"])), bundle
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
             extract, used = create_extractor(backbone, pre, resolve_engine(engine, device), device, Path(tmp))
             batch = max(cfg.train.batch_size, 32)
             train = extract_features(extract, list(train_frame["path"]), images, pre, batch, desc="train features")
-            val = extract_features(extract, list(val_frame["path"]), images, pre, batch, desc="val features")
-            flipped = (extract_features(extract, list(val_frame["path"]), images, pre, batch, flip=True,
-                                        desc="flipped val features") if cfg.train.tta else None)
-        arrays = {"train": train, "val": val, "engine": np.array(used)}
-        if flipped is not None:
-            arrays["val_flipped"] = flipped
-        tmp_path = path.with_suffix(".tmp.npz")
-        np.savez(tmp_path, **arrays)
-        os.replace(tmp_path, path)
+            val_views = {v: extract_features(extract, list(val_frame["path"]), images, pre, batch, view=v,
+                                             desc=f"val features ({v})") for v in views}
+        arrays = {"train": train, "engine": np.array(used), **{f"val_{v}": a for v, a in val_views.items()}}
+        atomic_write(path, lambda tmp_path: _save_npz(tmp_path, arrays))
         seconds = time.perf_counter() - start
-    return FeatureSet(train, targets[0], val, flipped, targets[1], bundle.classes, key, seconds, False, used), bundle
+    return FeatureSet(train, targets[0], val_views, targets[1], bundle.classes, key, seconds, False, used), bundle
+
+
+def _save_npz(path: str, arrays: dict) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 @torch.inference_mode()
-def predict_feature_probs(head: nn.Module, features: np.ndarray, flipped: np.ndarray | None,
+def predict_feature_probs(head: nn.Module, features: dict[str, np.ndarray], views: Iterable[str],
                           device: torch.device, batch_size: int = 1024) -> np.ndarray:
-    """Softmax of the head on features, averaged with the flipped images' when given (= flip TTA)."""
+    """Softmax of the head on features, averaged over the test-time `views` (whose features are computed)."""
     head.eval()
-    out = []
-    for i in range(0, len(features), batch_size):
-        p = head(torch.from_numpy(features[i:i + batch_size]).to(device)).float().softmax(-1)
-        if flipped is not None:
-            p = (p + head(torch.from_numpy(flipped[i:i + batch_size]).to(device)).float().softmax(-1)) / 2
-        out.append(p.cpu().numpy())
+    views = tuple(views)
+    n = len(features[views[0]])
+
+    def probs(rows: torch.Tensor) -> torch.Tensor:
+        return head(rows.to(device)).float().softmax(-1)
+
+    def view(i: int, v: str) -> torch.Tensor:
+        return torch.from_numpy(features[v][i:i + batch_size])
+
+    out = [average_probs(probs, i, views, view=view).cpu().numpy() for i in range(0, n, batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -232,54 +224,40 @@ def create_head_model(cfg: Config, num_classes: int) -> AppleNet:
 
 def train_head_on_features(cfg: Config, features: FeatureSet, callbacks: Iterable[Callback] = (),
                            run_dir: str | Path | None = None) -> FeatureTrainResult:
-    """`train_and_evaluate` for a frozen backbone, on cached features: same head, optimiser, schedule, loss,
-    per-epoch seeding, data order, EMA and early stopping; callbacks get the same per-epoch metrics.
+    """`train_and_evaluate` for a frozen backbone, on cached features: the same epoch loop (`train.fit`), loader
+    (shuffle or weighted sampler) and loss (class weights); callbacks get the same per-epoch metrics.
 
     Writes history.csv and the best epoch's validation probabilities (val_probs.npy) into `run_dir` when given;
     no weights (retrain the chosen settings with `pomona train`).
     """
     start_time = time.perf_counter()
     device = resolve_device(cfg.device)
-    t = cfg.train
+    run_dir = Path(run_dir) if run_dir is not None else None
     model = create_head_model(cfg, len(features.classes)).to(device)
-    train_set = TensorDataset(torch.from_numpy(features.train), torch.from_numpy(features.train_targets))
-    loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, drop_last=len(train_set) > t.batch_size,
-                        generator=torch.Generator())
-    optimizer = create_optimizer(model, t)
-    scheduler = create_scheduler(optimizer, t, len(loader))
-    ema = create_ema(model, t.ema_epochs, len(loader))
-    loss_fn = create_loss(t, features.train_targets.tolist(), len(features.classes)).to(device)
-    history: list[dict] = []
-    best = {"epoch": -1, "val_macro_f1": -1.0, "val_loss": float("inf")}
-    best_probs = None
-    for epoch in range(t.epochs):
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
-        loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
-        metrics = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, device, backbone_frozen=True,
-                                  channels_last=False, desc=f"epoch {epoch + 1}/{t.epochs}", ema=ema)
-        scored = model if ema is None else ema.module
-        probs = predict_feature_probs(scored.head, features.val, features.val_flipped if t.tta else None, device)
-        metrics.update(score_probs(probs, features.val_targets))
-        metrics.update(epoch=epoch, lr=optimizer.param_groups[-1]["lr"], backbone_frozen=True,
-                       elapsed_seconds=time.perf_counter() - start_time)
-        history.append(metrics)
-        if (metrics["val_macro_f1"], -metrics["val_loss"]) > (best["val_macro_f1"], -best["val_loss"]):
-            best = {"epoch": epoch, "val_macro_f1": metrics["val_macro_f1"], "val_loss": metrics["val_loss"]}
-            best_probs = probs
+    targets = features.train_targets.tolist()
+    loader = create_train_loader(TensorDataset(torch.from_numpy(features.train), torch.from_numpy(features.train_targets)),
+                                 targets, len(features.classes), cfg.train, cfg.seed)
+    loss_fn = create_loss(cfg.train, targets, len(features.classes)).to(device)
+    views = views_for(cfg.train.tta)
+    latest: dict[str, np.ndarray] = {}
+
+    def validate(scored: AppleNet) -> dict:
+        latest["probs"] = predict_feature_probs(scored.head, features.val_views, views, device)
+        return score_probs(latest["probs"], features.val_targets)
+
+    def save_best(epoch: int, scored: nn.Module, metrics: dict) -> None:
+        latest["best"] = latest["probs"]
         if run_dir is not None:
-            _write_progress(Path(run_dir), history, best_probs)
-        for cb in callbacks:
-            cb.on_epoch_end(epoch, dict(metrics))
-        if t.patience > 0 and epoch - best["epoch"] >= t.patience:
-            break
-    return FeatureTrainResult(Path(run_dir) if run_dir else Path("."), best["epoch"], best["val_macro_f1"], history,
-                              seconds=time.perf_counter() - start_time, val_probs=best_probs)
+            atomic_write(run_dir / "val_probs.npy", lambda tmp: _save_npy(tmp, latest["best"]))
+
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    result = fit(model, loader, validate, cfg, loss_fn, device, run_dir=run_dir, callbacks=callbacks,
+                 save_best=save_best, channels_last=False, start_time=start_time, quiet=True)
+    return FeatureTrainResult(run_dir or Path("."), result.best["epoch"], result.best["val_macro_f1"], result.history,
+                              seconds=result.seconds, val_probs=latest.get("best"))
 
 
-def _write_progress(run_dir: Path, history: list[dict], best_probs: np.ndarray | None) -> None:
-    import pandas as pd
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
-    if best_probs is not None:
-        np.save(run_dir / "val_probs.npy", best_probs)
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)

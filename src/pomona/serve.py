@@ -29,88 +29,37 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from .engine import MicroBatcher, create_image_transform
-from .images import MAX_ASPECT, BadImageError, load_image
-from .predict import Predictor
-
-
-@dataclass
-class ServeSettings:
-    """How `pomona serve` runs."""
-
-    host: str = "127.0.0.1"
-    """Address to listen on (0.0.0.0 = every network interface)."""
-    port: int = 8000
-    """TCP port to listen on."""
-    engine: str = "auto"
-    """'auto' (ONNX Runtime when the run has an up-to-date ONNX export, else PyTorch), 'onnx' or 'torch'."""
-    threads: int = 0
-    """ONNX Runtime threads per model call (0 = one per CPU core)."""
-    tta: bool = True
-    """Average each prediction with that of the left-right flipped photo (twice the compute)."""
-    max_upload_mb: float = 10.0
-    """Largest accepted request body in MB; larger uploads are refused with 413 before they are read."""
-    max_pixels: int = 50_000_000
-    """Largest accepted image in pixels, read from the header before decoding (decompression-bomb guard)."""
-    max_aspect: float = MAX_ASPECT
-    """Largest accepted ratio of an image's longer side to its shorter side; thinner strips get 422."""
-    decode_threads: int = 0
-    """Photos decoded at the same time (0 = one per CPU core); other uploads wait their turn, so several large
-    images never hold a full decode each at once. Large photos are decoded reduced, to about twice the model's
-    resize size."""
-    max_batch: int = 16
-    """Most concurrent requests answered by one model call."""
-    max_concurrency: int = 16
-    """Requests processed at once (upload read, decoded, classified); more wait in the queue. Idle connections,
-    /health and the page do not count."""
-    max_queue: int = 256
-    """Requests waiting for a free slot; when the queue is full, new ones get 503 with a Retry-After header."""
-    queue_timeout: float = 30.0
-    """Seconds a request may wait in the queue; then it gets 503 with Retry-After."""
-    retry_after: int = 2
-    """Seconds a 503 answer asks the client to wait before trying again (the Retry-After header)."""
-    header_timeout: float = 10.0
-    """Seconds a connection may stay without a request in progress (from connecting, or from its previous
-    response) before its request's headers are complete; silent or trickling connections are then closed."""
-    body_timeout: float = 60.0
-    """Seconds a client has to send its upload once the request is processed; slower uploads get 408."""
-    keep_alive_timeout: int = 5
-    """Seconds an idle keep-alive connection stays open after a response."""
-    max_connections: int = 512
-    """Open TCP connections; past this, the connection idle longest (for more than a second) is closed, never one
-    with a request in progress."""
-    explain: bool = True
-    """Serve Grad-CAM overlays (/explain; loads the PyTorch model too)."""
-    cam_size: int = 448
-    """Side in pixels of the Grad-CAM overlay image."""
+from .checkpoint import load_run
+from .config import ServeCommand
+from .engine import MicroBatcher
+from .images import BadImageError, load_image
+from .preprocessing import create_eval_transform_np
 
 
 class ClassifierService:
-    """Everything a request needs, created once: the predictor (ONNX or PyTorch), the micro-batcher and, for
+    """Everything a request needs, created once: the loaded run (ONNX or PyTorch), the micro-batcher and, for
     Grad-CAM, the PyTorch model behind a lock."""
 
-    def __init__(self, run_dir: str | Path, settings: ServeSettings):
+    def __init__(self, settings: ServeCommand):
         self.settings = settings
-        self.predictor = Predictor(run_dir, device="cpu", tta=settings.tta, engine=settings.engine,
-                                   threads=settings.threads or None)
-        self.classes = self.predictor.classes
-        self.transform = create_image_transform(self.predictor.pre)
-        self.target = self.predictor.pre.resize_size
+        self.run = load_run(settings.run, device="cpu", engine=settings.engine, tta=settings.tta,
+                            threads=settings.threads or None)
+        self.classes = self.run.classes
+        self.transform = create_eval_transform_np(self.run.preprocessing)
+        self.target = self.run.preprocessing.resize_size
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads or os.cpu_count() or 1,
                                               thread_name_prefix="pomona-decode")
-        self.batcher = MicroBatcher(self.predictor.predict_array, settings.max_batch)
+        self.batcher = MicroBatcher(self.run.predict_probs, settings.max_batch)
         # One model call at the largest batch now, so that the engine's memory (ONNX Runtime's arena) grows to its
         # working size at startup rather than at the first burst of requests.
-        size = self.predictor.pre.input_size
-        self.predictor.predict_array(np.zeros((settings.max_batch, 3, size, size), np.float32))
+        size = self.run.preprocessing.input_size
+        self.run.predict_probs(np.zeros((settings.max_batch, 3, size, size), np.float32))
         self.cam_lock = threading.Lock()
         if settings.explain:
-            _ = self.predictor.model  # load the PyTorch model now, not on the first request
+            _ = self.run.models  # load the PyTorch model now, not on the first request
         self.started = time.time()
 
     def decode(self, data: bytes):
@@ -126,10 +75,9 @@ class ClassifierService:
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
     def describe(self) -> dict:
-        info = self.predictor.info
-        return {"status": "ok", "model": info["model"]["name"], "classes": self.classes,
-                "engine": self.predictor.engine_name, "tta": self.predictor.tta,
-                "input_size": self.predictor.pre.input_size, "explain": self.settings.explain,
+        return {"status": "ok", "model": self.run.info["model"]["name"], "classes": self.classes,
+                "engine": self.run.engine_name, "tta": self.run.tta, "members": len(self.run.info["members"]),
+                "input_size": self.run.preprocessing.input_size, "explain": self.settings.explain,
                 "uptime_s": round(time.time() - self.started, 1)}
 
     def result(self, probs: np.ndarray, k: int = 3) -> dict:
@@ -142,8 +90,8 @@ class ClassifierService:
         from .explain import explain_image, overlay_png
 
         with self.cam_lock:
-            explanation = explain_image(self.predictor.model, image, self.predictor.pre, self.classes, class_name)
-        return overlay_png(image, explanation.cam, self.predictor.pre, self.settings.cam_size), explanation.class_name
+            explanation = explain_image(self.run, image, class_name)
+        return overlay_png(image, explanation, self.run.preprocessing, self.settings.cam_size), explanation.class_name
 
     def close(self) -> None:
         self.batcher.close()
@@ -273,14 +221,13 @@ class UploadTooLarge(Exception):
     """Raised from inside the request stream when the body passes the limit; answered with 413."""
 
 
-def create_app(run_dir: str | Path, settings: ServeSettings | None = None):
-    """The FastAPI app serving `run_dir`; the model is loaded here, once."""
+def create_app(settings: ServeCommand):
+    """The FastAPI app serving the run folder `settings.run`; the model is loaded here, once."""
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 
-    settings = settings or ServeSettings()
-    service = ClassifierService(run_dir, settings)
+    service = ClassifierService(settings)
     trim_pending = False
 
     def after_burst() -> None:  # the last request left: give freed decode buffers back, once things are quiet
@@ -365,7 +312,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None):
         async with gate.slot():
             x = await read_image(request, service.prepare)
             probs = await asyncio.wrap_future(service.batcher.submit(x))
-        return {**service.result(probs), "engine": service.predictor.engine_name,
+        return {**service.result(probs), "engine": service.run.engine_name,
                 "milliseconds": round((time.perf_counter() - start) * 1000, 1)}
 
     @app.post("/explain")
@@ -444,12 +391,12 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type:
     return GuardedH11Protocol
 
 
-def serve(run_dir: str | Path, settings: ServeSettings) -> None:
+def serve(settings: ServeCommand) -> None:
     """Run the app with uvicorn until interrupted."""
     import uvicorn
 
-    app = create_app(run_dir, settings)
-    print(f"pomona: serving {run_dir} ({app.state.service.predictor.engine_name} engine) at "
+    app = create_app(settings)
+    print(f"pomona: serving {settings.run} ({app.state.service.run.engine_name} engine) at "
           f"http://{settings.host}:{settings.port}/", flush=True)
     protocol = guarded_protocol(settings.header_timeout, settings.max_connections)
     uvicorn.run(app, host=settings.host, port=settings.port, http=protocol,

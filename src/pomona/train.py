@@ -1,13 +1,16 @@
-"""Training as a library of small functions; `train_and_evaluate` runs a whole run into a run folder.
+"""Training as a library of small functions (the shape of flax's examples/imagenet): `create_optimizer`,
+`create_scheduler`, `create_ema`, `create_loss`, `create_loaders`, `train_one_epoch`, `validate`, and `fit`, the
+one epoch loop that full training (`train_and_evaluate`, below) and the frozen-feature fast path
+(`features.train_head_on_features`) both run.
 
 A run folder holds everything needed to use or continue it:
   config.json        the full resolved Config
   split.csv          path,label,group,subset of every image (the split is never re-drawn)
   bad_images.json    files skipped as unreadable, with the reason
+  balance.json       with --balance: counts before/after, the cache folder, time
   history.csv        one row per epoch (losses, validation macro-F1/accuracy, learning rate, speed)
   model.safetensors  the best epoch's weights (by validation macro-F1)
-  run.json           classes, preprocessing, model settings and the best epoch: with model.safetensors, all
-                     that `predict`/`evaluate` need
+  run.json           classes, preprocessing, model settings and the best epoch (`pomona.checkpoint`)
   last.pt            the last epoch's full state (model, optimiser, schedule, early stopping), for --resume
 
 Training never imports optuna or a tracker: they attach through `callbacks`, objects with an
@@ -16,37 +19,38 @@ Training never imports optuna or a tracker: they attach through `callbacks`, obj
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset
 
+from .atomic import write_csv, write_json
 from .balance import balance_training_fold, parse_mode
+from .checkpoint import TRAINING_STATE, load_training_state, save_run, save_training_state
 from .config import Config, TrainConfig
 from .data import DataBundle, load_split, prepare_data
+from .datasets import DecodedImages, ImageDataset
 from .distributed import SINGLE, DistContext
-from .datasets import (DecodedImages, ImageDataset, Preprocessing, create_eval_transform, create_train_transform,
-                       resolve_preprocessing)
+from .errors import PomonaError
 from .metrics import accuracy, macro_f1
-from .model import AppleNet, create_model
+from .model import AppleNet, create_model, resolve_device
+from .preprocessing import Preprocessing, create_eval_transform, create_train_transform, resolve_preprocessing
+from .progress import Progress, write
+from .tta import average_probs, views_for
 
 
 class Callback(Protocol):
     def on_epoch_end(self, epoch: int, metrics: dict) -> None: ...
 
 
-class TooManyBadImages(RuntimeError):
+class TooManyBadImages(PomonaError, RuntimeError):
     """More than `max_bad_fraction` of the images could not be read."""
 
 
@@ -60,12 +64,6 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     import random
 
@@ -74,6 +72,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# ------------------------------------------------------------------------------------------------ building blocks
 def create_optimizer(model: AppleNet, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Two parameter groups: the head at `lr`, the backbone at `lr * backbone_lr_mult`."""
     groups = [{"params": list(model.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_mult},
@@ -112,16 +111,12 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_p
 
 
 def create_loss(cfg: TrainConfig, targets: list[int], num_classes: int) -> nn.Module:
+    """Cross-entropy with label smoothing; with `class_weighted_loss`, weighted by inverse class frequency."""
     weight = None
     if cfg.class_weighted_loss:
         counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
         weight = torch.tensor(len(targets) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-
-
-def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def create_ema(model: nn.Module, ema_epochs: float, steps_per_epoch: int):
@@ -132,6 +127,58 @@ def create_ema(model: nn.Module, ema_epochs: float, steps_per_epoch: int):
 
     decay = 1.0 - 1.0 / max(1.0, ema_epochs * steps_per_epoch)
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def create_weighted_sampler(targets: list[int], num_classes: int, generator: torch.Generator,
+                            ) -> torch.utils.data.WeightedRandomSampler:
+    """Draws each image with weight 1 / (its class's size), with replacement: classes come out about equally
+    often. It shares the loader's generator, so the per-epoch seeding covers it."""
+    counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
+    weights = torch.tensor(1.0 / np.maximum(counts, 1)[targets], dtype=torch.double)
+    return torch.utils.data.WeightedRandomSampler(weights, num_samples=len(targets), replacement=True,
+                                                  generator=generator)
+
+
+def create_train_loader(dataset: Dataset, targets: list[int], num_classes: int, t: TrainConfig, seed: int = 0,
+                        num_workers: int = 0, dist: DistContext = SINGLE) -> DataLoader:
+    """The training loader of both paths (images or cached features): shuffled, or drawn by the weighted sampler,
+    through its own generator, which `fit` reseeds every epoch. Workers are started anew each epoch (no
+    persistent workers), so their random state, drawn from that generator, is the same for an epoch whether or
+    not the run was interrupted before it. With several processes each rank gets its share of every batch."""
+    generator = torch.Generator()
+    drop_last = len(dataset) > t.batch_size
+    if dist.enabled:
+        from torch.utils.data.distributed import DistributedSampler
+
+        if t.weighted_sampler:
+            raise ValueError("--weighted-sampler is not supported with several processes; use "
+                             "--class-weighted-loss or --balance")
+        sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=seed, drop_last=drop_last)
+    else:
+        sampler = create_weighted_sampler(targets, num_classes, generator) if t.weighted_sampler else None
+    return DataLoader(dataset, batch_size=max(1, t.batch_size // dist.world_size), shuffle=sampler is None,
+                      sampler=sampler, drop_last=drop_last, generator=generator, num_workers=num_workers)
+
+
+def create_loaders(bundle: DataBundle, images: DecodedImages, pre: Preprocessing, cfg: Config,
+                   dist: DistContext = SINGLE) -> tuple[DataLoader, DataLoader]:
+    """Training and validation loaders of a split; with several processes, each rank validates a disjoint shard."""
+    train_frame, val_frame = bundle.subset("train"), bundle.subset("val")
+    train_targets = bundle.targets(train_frame)
+    train_set = ImageDataset(train_frame["path"], train_targets, images, create_train_transform(pre, cfg.train))
+    val_set = ImageDataset(val_frame["path"], bundle.targets(val_frame), images, create_eval_transform(pre))
+    if dist.enabled:
+        from torch.utils.data import Subset
+
+        val_set = Subset(val_set, list(range(dist.rank, len(val_set), dist.world_size)))
+    train_loader = create_train_loader(train_set, train_targets, len(bundle.classes), cfg.train, cfg.seed,
+                                       cfg.data.num_workers, dist)
+    return train_loader, DataLoader(val_set, batch_size=cfg.train.batch_size * 2, num_workers=cfg.data.num_workers)
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def train_one_epoch(model: AppleNet, loader: DataLoader, optimizer, scheduler, loss_fn: nn.Module,
@@ -147,7 +194,7 @@ def train_one_epoch(model: AppleNet, loader: DataLoader, optimizer, scheduler, l
         model.backbone.eval()
     model.set_backbone_trainable(not backbone_frozen)
     total_loss, seen, start = 0.0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0, disable=None if ddp is None else True)
+    bar = Progress(loader, desc=desc, unit="batch", count=lambda batch: len(batch[1]), enabled=ddp is None)
     for x, y in bar:
         x, y = _to_device(x, device, channels_last), y.to(device)
         loss = loss_fn(forward(x), y)
@@ -166,16 +213,13 @@ def train_one_epoch(model: AppleNet, loader: DataLoader, optimizer, scheduler, l
 
 
 @torch.inference_mode()
-def predict_probs(model: nn.Module, loader: DataLoader, device: torch.device, tta: bool = False,
-                  channels_last: bool = True, desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities (averaged with the left-right flip when `tta`) and the loader's targets."""
+def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device, views=("identity",),
+                   channels_last: bool = True, desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (averaged over the test-time `views`) and the loader's targets."""
     model.eval()
     probs, targets = [], []
-    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0, disable=None):
-        x = _to_device(x, device, channels_last)
-        p = model(x).float().softmax(-1)
-        if tta:
-            p = (p + model(torch.flip(x, dims=[3])).float().softmax(-1)) / 2
+    for x, y in Progress(loader, desc=desc, unit="batch", count=lambda batch: len(batch[1])):
+        p = average_probs(lambda v: model(v).float().softmax(-1), _to_device(x, device, channels_last), views)
         probs.append(p.cpu().numpy())
         targets.append(np.asarray(y))
     if not probs:
@@ -183,11 +227,11 @@ def predict_probs(model: nn.Module, loader: DataLoader, device: torch.device, tt
     return np.concatenate(probs), np.concatenate(targets)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, tta: bool = False,
+def validate(model: nn.Module, loader: DataLoader, device: torch.device, views=("identity",),
              channels_last: bool = True, dist: DistContext = SINGLE) -> dict:
     """Validation loss, macro-F1 and accuracy of `model` on a labelled loader; with several processes each
     scores its shard and the predictions of all ranks are gathered before the metrics."""
-    probs, y = predict_probs(model, loader, device, tta, channels_last, desc="validate")
+    probs, y = predict_loader(model, loader, device, views, channels_last, desc="validate")
     if dist.enabled:
         parts = [p for p in dist.all_gather((probs, y)) if len(p[1])]
         probs, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -201,66 +245,119 @@ def score_probs(probs: np.ndarray, y: np.ndarray) -> dict:
     return {"val_loss": loss, "val_macro_f1": macro_f1(y, pred), "val_accuracy": accuracy(y, pred)}
 
 
-def create_loaders(bundle: DataBundle, images: DecodedImages, pre: Preprocessing, cfg: Config,
-                   dist: DistContext = SINGLE) -> tuple[DataLoader, DataLoader]:
-    """Training and validation loaders. With several processes, each rank gets its share of every training
-    batch (same global batch size) and a disjoint shard of the validation images."""
+# ------------------------------------------------------------------------------------------------ the epoch loop
+@dataclass
+class FitResult:
+    history: list[dict]
+    best: dict
+    """epoch, val_macro_f1 and val_loss of the best epoch (epoch -1 when no epoch ran)."""
+    seconds: float
+
+
+def _wrap_ddp(model: AppleNet, device: torch.device) -> nn.Module:
+    """A DistributedDataParallel wrapper over the parameters that are trainable now (re-made when the backbone
+    is unfrozen, so frozen weights never receive a gradient or a weight-decay step)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
+
+
+def fit(model: AppleNet, loader: DataLoader, validate_fn: Callable[[nn.Module], dict], cfg: Config,
+        loss_fn: nn.Module, device: torch.device, *, run_dir: Path | None = None, callbacks: Iterable[Callback] = (),
+        save_best: Callable[[int, nn.Module, dict], None] | None = None,
+        save_state: Callable[[dict], None] | None = None, state: dict | None = None,
+        channels_last: bool = True, start_time: float | None = None, quiet: bool = False,
+        dist: DistContext = SINGLE) -> FitResult:
+    """Train `model` on `loader` ("batches in, logits out") for `cfg.train.epochs` epochs.
+
+    Every epoch: seed torch's generator and the loader's from the seed and the epoch (so epoch N draws the same
+    data order, augmentation and dropout whether or not the run was interrupted before it); train, with the
+    backbone frozen for the first `frozen_epochs` (always with `freeze_backbone`); score the EMA weights (or the
+    weights) with `validate_fn`; keep the best epoch (highest macro-F1, then lowest loss) and hand it to
+    `save_best`; write history.csv into `run_dir`; hand the resumable state to `save_state`; call the callbacks
+    (an exception from one stops the run: that is how a tuner prunes); stop after `patience` epochs without a
+    better one. `state` (a saved state) continues a run where it stopped. With several processes rank 0 alone
+    writes, saves and calls back.
+    """
     t = cfg.train
-    train_frame, val_frame = bundle.subset("train"), bundle.subset("val")
-    train_targets = bundle.targets(train_frame)
-    train_transform = (create_train_transform(pre, t.hflip, t.vflip, t.rotate, t.crop_scale, t.color_jitter,
-                                              rot90=t.rot90, elastic=t.elastic)
-                       if t.augment else create_eval_transform(pre))
-    train_set = ImageDataset(train_frame["path"], train_targets, images, train_transform)
-    val_set = ImageDataset(val_frame["path"], bundle.targets(val_frame), images, create_eval_transform(pre))
-    workers = cfg.data.num_workers
-    common = dict(num_workers=workers, persistent_workers=workers > 0)
-    batch = max(1, t.batch_size // dist.world_size)
-    drop_last = len(train_set) > t.batch_size
-    generator = torch.Generator()
-    if dist.enabled:
-        from torch.utils.data import Subset
-        from torch.utils.data.distributed import DistributedSampler
+    start_time = time.perf_counter() if start_time is None else start_time
+    optimizer = create_optimizer(model, t)
+    scheduler = create_scheduler(optimizer, t, len(loader))
+    ema = create_ema(model, t.ema_epochs, len(loader))
+    history: list[dict] = []
+    best = {"epoch": -1, "val_macro_f1": -1.0, "val_loss": float("inf")}
+    first_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best = state["history"], state["best"]
+        first_epoch = t.epochs if state["stopped"] else state["epoch"] + 1
+        start_time -= history[-1]["elapsed_seconds"] if history else 0.0
+    say = write if dist.is_main and not quiet else (lambda *_: None)
+    ddp, ddp_frozen = None, None
+    for epoch in range(first_epoch, t.epochs):
+        torch.manual_seed(cfg.seed * 100_003 + epoch + 7919 * dist.rank)
+        loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+        if dist.enabled:
+            loader.sampler.set_epoch(epoch)
+        frozen = cfg.model.freeze_backbone or epoch < t.frozen_epochs
+        if dist.enabled and frozen != ddp_frozen:
+            model.set_backbone_trainable(not frozen)
+            ddp, ddp_frozen = _wrap_ddp(model, device), frozen
+        metrics = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, device, frozen, channels_last,
+                                  desc=f"epoch {epoch + 1}/{t.epochs}", ema=ema, ddp=ddp)
+        if dist.enabled:  # every rank's throughput adds up; the loss is averaged over ranks
+            gathered = dist.all_gather((metrics["train_loss"], metrics["train_images_per_s"]))
+            metrics["train_loss"] = float(np.mean([g[0] for g in gathered]))
+            metrics["train_images_per_s"] = sum(g[1] for g in gathered)
+        scored = model if ema is None else ema.module
+        metrics.update(validate_fn(scored))
+        metrics.update(epoch=epoch, lr=optimizer.param_groups[-1]["lr"], backbone_frozen=frozen,
+                       elapsed_seconds=time.perf_counter() - start_time)
+        history.append(metrics)
+        improved = (metrics["val_macro_f1"], -metrics["val_loss"]) > (best["val_macro_f1"], -best["val_loss"])
+        if improved:
+            best = {"epoch": epoch, "val_macro_f1": metrics["val_macro_f1"], "val_loss": metrics["val_loss"]}
+            if dist.is_main and save_best is not None:
+                save_best(epoch, scored, metrics)
+        say(f"epoch {epoch + 1}/{t.epochs}  loss {metrics['train_loss']:.3f}  val loss {metrics['val_loss']:.3f}  "
+            f"val macro-F1 {metrics['val_macro_f1']:.3f}  acc {metrics['val_accuracy']:.3f}  "
+            f"{metrics['train_images_per_s']:.1f} img/s" + ("  *" if improved else ""))
+        stop = t.patience > 0 and epoch - best["epoch"] >= t.patience
+        if dist.is_main:
+            if run_dir is not None:
+                write_csv(Path(run_dir) / "history.csv", pd.DataFrame(history))
+            if save_state is not None:
+                save_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                            "epoch": epoch, "history": history, "best": best, "stopped": stop})
+            for cb in callbacks:
+                cb.on_epoch_end(epoch, dict(metrics))
+        if stop and epoch < t.epochs - 1:
+            say(f"early stop: no better validation macro-F1 for {t.patience} epochs")
+            break
+    dist.barrier()  # rank 0's files are complete before any rank returns
+    return FitResult(history, best, time.perf_counter() - start_time)
 
-        if t.weighted_sampler:
-            raise ValueError("--weighted-sampler is not supported with several processes; use "
-                             "--class-weighted-loss or --balance")
-        sampler = DistributedSampler(train_set, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed,
-                                     drop_last=drop_last)
-        val_set = Subset(val_set, list(range(dist.rank, len(val_set), dist.world_size)))
-    else:
-        sampler = (create_weighted_sampler(train_targets, len(bundle.classes), generator) if t.weighted_sampler
-                   else None)
-    train_loader = DataLoader(train_set, batch_size=batch, shuffle=sampler is None, sampler=sampler,
-                              drop_last=drop_last, generator=generator, **common)
-    return train_loader, DataLoader(val_set, batch_size=t.batch_size * 2, shuffle=False, **common)
 
-
-def create_weighted_sampler(targets: list[int], num_classes: int, generator: torch.Generator,
-                            ) -> torch.utils.data.WeightedRandomSampler:
-    """Draws each image with weight 1 / (its class's size), with replacement: classes come out about equally
-    often. It shares the loader's generator, so the per-epoch seeding covers it."""
-    counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
-    weights = torch.tensor(1.0 / np.maximum(counts, 1)[targets], dtype=torch.double)
-    return torch.utils.data.WeightedRandomSampler(weights, num_samples=len(targets), replacement=True,
-                                                  generator=generator)
-
-
+# ------------------------------------------------------------------------------------------------ a whole run
 def balance_bundle(bundle: DataBundle, cfg: Config, run_dir: Path, write_info: bool = True) -> DataBundle:
     """Append Augmentor-generated images for the training fold (cached, see `pomona.balance`); writes
     balance.json (counts before/after, cache folder, time) into the run folder."""
     cache_dir = Path(cfg.balance.cache_dir) if cfg.balance.cache_dir else run_dir.resolve().parent / "balance-cache"
     bundle, result = balance_training_fold(bundle, cfg.balance, cfg.seed, cache_dir, cfg.data.max_pixels)
-    info = {"mode": cfg.balance.mode, "operations": cfg.balance.operations, "before": result.plan.counts,
-            "generated": result.plan.extra, "after": result.plan.after, "folder": str(result.folder),
-            "cached": result.cached, "seconds": result.seconds,
-            "images_per_s": result.images_per_s if result.seconds else None,
-            "skipped_sources": result.skipped_sources}
     if not write_info:
         return bundle
-    (run_dir / "balance.json").write_text(json.dumps(info, indent=2))
-    tqdm.write(f"balanced the training fold: {sum(result.plan.extra.values())} generated images "
-               f"({'from cache ' if result.cached else ''}{result.folder})")
+    write_json(run_dir / "balance.json", {
+        "mode": cfg.balance.mode, "operations": cfg.balance.operations, "before": result.plan.counts,
+        "generated": result.plan.extra, "after": result.plan.after, "folder": str(result.folder),
+        "cached": result.cached, "seconds": result.seconds,
+        "images_per_s": result.images_per_s if result.seconds else None, "skipped_sources": result.skipped_sources})
+    write(f"balanced the training fold: {sum(result.plan.extra.values())} generated images "
+          f"({'from cache ' if result.cached else ''}{result.folder})")
     return bundle
 
 
@@ -274,45 +371,29 @@ def check_images(bundle: DataBundle, images: DecodedImages, max_bad_fraction: fl
         raise TooManyBadImages(f"{len(bad)} of {len(bundle.table)} images cannot be read (limit "
                                f"{max_bad_fraction:.0%}; set --max-bad-fraction):\n{listing}")
     for p in bad:
-        tqdm.write(f"skipping unreadable image {p}: {images.bad[p]}")
+        write(f"skipping unreadable image {p}: {images.bad[p]}")
     return bundle.drop(bad)
 
 
-def save_checkpoint(run_dir: Path, model: AppleNet, classes: list[str], pre: Preprocessing, cfg: Config,
-                    extra: dict) -> None:
-    """model.safetensors + run.json: a self-contained, loadable model."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(run_dir / "model.safetensors"))
-    info = {"classes": classes, "preprocessing": pre.to_dict(),
-            "model": {"name": cfg.model.name, "out_features": cfg.model.out_features, "dropout": cfg.model.dropout},
-            "config": cfg.to_dict(), **extra}
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+def prepare_training_data(cfg: Config, bundle: DataBundle, pre: Preprocessing, run_dir: Path, balance: bool = True,
+                          write_info: bool = True, dist: DistContext = SINGLE) -> tuple[DataBundle, DecodedImages]:
+    """The training images of a split, as both paths use them: with `cfg.balance`, the generated images appended
+    to the training fold (rank 0 generates them once, the other ranks find them in the cache; balance.json goes
+    into `run_dir` when `write_info`); then every image decoded once, the unreadable ones dropped."""
+    if balance and parse_mode(cfg.balance.mode)[0] != "off":
+        if dist.is_main:
+            bundle = balance_bundle(bundle, cfg, run_dir, write_info=write_info)
+        dist.barrier()
+        if not dist.is_main:
+            bundle = balance_bundle(bundle, cfg, run_dir, write_info=False)
+    images = DecodedImages(pre, cfg.data.max_pixels, cfg.data.cache_max_mb << 20, cfg.data.cache_images,
+                           cfg.data.max_aspect)
+    return check_images(bundle, images, cfg.data.max_bad_fraction), images
 
 
-def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[AppleNet, dict]:
-    """The best model of a run folder and its run.json (classes, preprocessing, config)."""
-    run_dir = Path(run_dir)
-    info_path = run_dir / "run.json"
-    if not info_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a finished pomona run (no run.json)")
-    info = json.loads(info_path.read_text())
-    m = info["model"]
-    model = create_model(m["name"], len(info["classes"]), m["out_features"], m["dropout"], weights="none",
-                         drop_path_rate=0.0)
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-    return model.to(device).eval(), info
-
-
-def _write_history(run_dir: Path, history: list[dict]) -> None:
-    pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
-
-
-def _wrap_ddp(model: AppleNet, device: torch.device) -> nn.Module:
-    """A DistributedDataParallel wrapper over the parameters that are trainable now (re-made when the backbone
-    is unfrozen, so frozen weights never receive a gradient or a weight-decay step)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
+def model_settings(cfg: Config) -> dict:
+    """What `checkpoint` needs to rebuild the network."""
+    return {"name": cfg.model.name, "out_features": cfg.model.out_features, "dropout": cfg.model.dropout}
 
 
 def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Callback] = (),
@@ -332,9 +413,9 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
     seed_everything(cfg.seed)
     state = None
     if resume:
-        if not (run_dir / "last.pt").is_file():
-            raise FileNotFoundError(f"nothing to resume in {run_dir} (no last.pt)")
-        state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+        if not (run_dir / TRAINING_STATE).is_file():
+            raise FileNotFoundError(f"nothing to resume in {run_dir} (no {TRAINING_STATE})")
+        state = load_training_state(run_dir / TRAINING_STATE)
         bundle = load_split(run_dir / "split.csv", state["classes"])
     elif bundle is None:
         bundle = prepare_data(cfg.data, cfg.seed)
@@ -347,88 +428,25 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
     model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if not resume and parse_mode(cfg.balance.mode)[0] != "off":
-        # Rank 0 generates the images once; the other ranks then find them in the cache.
-        if dist.is_main:
-            bundle = balance_bundle(bundle, cfg, run_dir)
-        dist.barrier()
-        if not dist.is_main:
-            bundle = balance_bundle(bundle, cfg, run_dir, write_info=False)
-    images = DecodedImages(pre, cfg.data.max_pixels, cfg.data.cache_max_mb << 20, cfg.data.cache_images)
-    bundle = check_images(bundle, images, cfg.data.max_bad_fraction)
+    bundle, images = prepare_training_data(cfg, bundle, pre, run_dir, balance=not resume, dist=dist)
     if dist.is_main:
         if not resume:
-            bundle.table.to_csv(run_dir / "split.csv", index=False)
-        (run_dir / "bad_images.json").write_text(json.dumps(images.bad, indent=2))
+            write_csv(run_dir / "split.csv", bundle.table)
+        write_json(run_dir / "bad_images.json", images.bad)
 
     train_loader, val_loader = create_loaders(bundle, images, pre, cfg, dist)
-    t = cfg.train
-    optimizer = create_optimizer(model, t)
-    scheduler = create_scheduler(optimizer, t, len(train_loader))
-    ema = create_ema(model, t.ema_epochs, len(train_loader))
-    loss_fn = create_loss(t, bundle.targets(bundle.subset("train")), len(bundle.classes)).to(device)
-    history: list[dict] = []
-    best = {"epoch": -1, "val_macro_f1": -1.0, "val_loss": float("inf")}
-    first_epoch = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best = state["history"], state["best"]
-        first_epoch = t.epochs if state["stopped"] else state["epoch"] + 1
-        start_time -= history[-1]["elapsed_seconds"] if history else 0.0
+    loss_fn = create_loss(cfg.train, bundle.targets(bundle.subset("train")), len(bundle.classes)).to(device)
+    views, channels_last = views_for(cfg.train.tta), cfg.model.channels_last
 
-    ddp, ddp_frozen = None, None
-    say = tqdm.write if dist.is_main else (lambda *_: None)
-    for epoch in range(first_epoch, t.epochs):
-        # Seeding every epoch makes the data order, augmentation and dropout of epoch N the same whether or not
-        # the run was interrupted before it.
-        torch.manual_seed(cfg.seed * 100_003 + epoch + 7919 * dist.rank)
-        train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
-        if dist.enabled:
-            train_loader.sampler.set_epoch(epoch)
-        frozen = cfg.model.freeze_backbone or epoch < t.frozen_epochs
-        if dist.enabled and frozen != ddp_frozen:
-            model.set_backbone_trainable(not frozen)
-            ddp, ddp_frozen = _wrap_ddp(model, device), frozen
-        metrics = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device, frozen,
-                                  cfg.model.channels_last, desc=f"epoch {epoch + 1}/{t.epochs}", ema=ema,
-                                  ddp=ddp)
-        if dist.enabled:  # every rank's throughput adds up; the loss is averaged over ranks
-            gathered = dist.all_gather((metrics["train_loss"], metrics["train_images_per_s"]))
-            metrics["train_loss"] = float(np.mean([g[0] for g in gathered]))
-            metrics["train_images_per_s"] = sum(g[1] for g in gathered)
-        scored = model if ema is None else ema.module
-        metrics.update(evaluate(scored, val_loader, device, t.tta, cfg.model.channels_last, dist))
-        metrics.update(epoch=epoch, lr=optimizer.param_groups[-1]["lr"], backbone_frozen=frozen,
-                       elapsed_seconds=time.perf_counter() - start_time)
-        history.append(metrics)
-        improved = (metrics["val_macro_f1"], -metrics["val_loss"]) > (best["val_macro_f1"], -best["val_loss"])
-        if improved:
-            best = {"epoch": epoch, "val_macro_f1": metrics["val_macro_f1"], "val_loss": metrics["val_loss"]}
-            if dist.is_main:
-                save_checkpoint(run_dir, scored, bundle.classes, pre, cfg,
-                                {"best_epoch": epoch, "best_val_macro_f1": metrics["val_macro_f1"],
-                                 "world_size": dist.world_size})
-        say(f"epoch {epoch + 1}/{t.epochs}  loss {metrics['train_loss']:.3f}  "
-                   f"val loss {metrics['val_loss']:.3f}  val macro-F1 {metrics['val_macro_f1']:.3f}  "
-                   f"acc {metrics['val_accuracy']:.3f}  {metrics['train_images_per_s']:.1f} img/s"
-                   + ("  *" if improved else ""))
-        stop = t.patience > 0 and epoch - best["epoch"] >= t.patience
-        if dist.is_main:
-            _write_history(run_dir, history)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                        "epoch": epoch, "history": history, "best": best,
-                        "classes": bundle.classes, "stopped": stop}, run_dir / "last.pt.tmp")
-            os.replace(run_dir / "last.pt.tmp", run_dir / "last.pt")
-            for cb in callbacks:
-                cb.on_epoch_end(epoch, dict(metrics))
-        if stop and epoch < t.epochs - 1:
-            say(f"early stop: no better validation macro-F1 for {t.patience} epochs")
-            break
-    dist.barrier()  # rank 0's files are complete before any rank returns
-    return TrainResult(run_dir, best["epoch"], best["val_macro_f1"], history, dict(images.bad),
-                       time.perf_counter() - start_time)
+    def save_best(epoch: int, scored: nn.Module, metrics: dict) -> None:
+        save_run(run_dir, scored, bundle.classes, pre, model_settings(cfg), cfg.to_dict(),
+                 {"best_epoch": epoch, "best_val_macro_f1": metrics["val_macro_f1"], "world_size": dist.world_size})
+
+    def save_state(training_state: dict) -> None:
+        save_training_state(run_dir / TRAINING_STATE, {**training_state, "classes": bundle.classes})
+
+    result = fit(model, train_loader, lambda m: validate(m, val_loader, device, views, channels_last, dist), cfg,
+                 loss_fn, device, run_dir=run_dir, callbacks=callbacks, save_best=save_best, save_state=save_state,
+                 state=state, channels_last=channels_last, start_time=start_time, dist=dist)
+    return TrainResult(run_dir, result.best["epoch"], result.best["val_macro_f1"], result.history,
+                       dict(images.bad), result.seconds)

@@ -1,0 +1,287 @@
+"""Run folders: the one place that writes and reads `run.json`, model weights and the resumable training state,
+and `load_run`, which gives a finished run ready to predict.
+
+`run.json` describes the model of a run folder:
+
+  classes, preprocessing     what the model tells apart, and how a photo becomes its input
+  model                      timm name, head width and dropout (enough to rebuild the network)
+  members                    weight files relative to the folder: ["model.safetensors"] for a plain run, one per
+                             member for an ensemble (e.g. members/0/model.safetensors, ...); their probabilities
+                             are averaged
+  temperature                probabilities are softmax(logits / temperature) (1.0 = as trained)
+  config, best_epoch, ...    the full config and what training recorded
+
+Run folders written before `members` and `temperature` existed load as one member `model.safetensors` at
+temperature 1. Every file is written atomically (`pomona.atomic`). This module never imports training (train,
+data, balance, tune, distributed): serving, export and predict read runs through it alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .atomic import atomic_write, write_json
+from .config import MAX_ASPECT
+from .engine import EngineError, OnnxEngine, Predictions, predict_paths, softmax
+from .model import create_model, resolve_device
+from .onnx_io import onnxruntime_available
+from .preprocessing import Preprocessing
+from .tta import average_probs, views_for
+
+RUN_INFO = "run.json"
+WEIGHTS = "model.safetensors"
+TRAINING_STATE = "last.pt"
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+EXPORT_INFO = "export.json"
+ENGINES = ("auto", "onnx", "torch")
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def state_dict_cpu(module: nn.Module) -> dict:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_weights(path: str | Path, module: nn.Module) -> Path:
+    """A module's weights as safetensors (atomically)."""
+    state = state_dict_cpu(module)
+    return atomic_write(path, lambda tmp: save_file(state, tmp))
+
+
+def save_run(run_dir: str | Path, models: nn.Module | Sequence[nn.Module], classes: list[str],
+             pre: Preprocessing, model_settings: dict, config: dict, extra: dict | None = None,
+             temperature: float = 1.0) -> Path:
+    """Write the weights of every member (one model: model.safetensors; several: members/<i>/model.safetensors)
+    and then run.json, so that a run.json always names complete weights."""
+    run_dir = Path(run_dir)
+    models = [models] if not isinstance(models, (list, tuple)) else list(models)
+    members = [WEIGHTS] if len(models) == 1 else [f"members/{i}/{WEIGHTS}" for i in range(len(models))]
+    for name, model in zip(members, models):
+        save_weights(run_dir / name, model)
+    info = {"classes": list(classes), "preprocessing": pre.to_dict(), "model": model_settings, "config": config,
+            "members": members, "temperature": float(temperature), **(extra or {})}
+    return write_json(run_dir / RUN_INFO, info)
+
+
+def save_training_state(path: str | Path, state: dict) -> Path:
+    """The resumable state of a training run (tensors, numbers, strings, lists and dicts only: it is read back
+    with `torch.load(weights_only=True)`, which never unpickles code)."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_run_info(run_dir: str | Path) -> dict:
+    """run.json of a finished run, with `members` and `temperature` filled in for older run folders."""
+    path = Path(run_dir) / RUN_INFO
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished pomona run (no {RUN_INFO})")
+    info = json.loads(path.read_text())
+    info.setdefault("members", [WEIGHTS])
+    info.setdefault("temperature", 1.0)
+    return info
+
+
+def copy_run_info(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """run.json of `run_dir` written into `out_dir` (so that an export folder alone can be served)."""
+    return write_json(Path(out_dir) / RUN_INFO, json.loads((Path(run_dir) / RUN_INFO).read_text()))
+
+
+def member_paths(run_dir: str | Path, info: dict | None = None) -> list[Path]:
+    info = info or read_run_info(run_dir)
+    return [Path(run_dir) / m for m in info["members"]]
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_sha256(run_dir: str | Path, info: dict | None = None) -> str:
+    """The identity of a run's weights: the SHA-256 of model.safetensors for one member, else of the members'
+    digests and the temperature (what an export must match to be used)."""
+    info = info or read_run_info(run_dir)
+    paths = member_paths(run_dir, info)
+    if len(paths) == 1 and float(info["temperature"]) == 1.0:
+        return sha256_file(paths[0])
+    parts = [sha256_file(p) for p in paths] + [repr(float(info["temperature"]))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def find_current_export(run_dir: str | Path, fmt: str = "onnx") -> tuple[Path | None, str]:
+    """The exported model file of `run_dir` when it exists and matches the run's current weights, else None and
+    the reason."""
+    run_dir = Path(run_dir)
+    path = run_dir / (ONNX_FILE if fmt == "onnx" else TORCHSCRIPT_FILE)
+    if not path.is_file():
+        return None, f"no {path.name} in {run_dir} (run `pomona export {run_dir} --format {fmt}`)"
+    info_path = run_dir / EXPORT_INFO
+    if not info_path.is_file():
+        return None, f"{path} has no {EXPORT_INFO} beside it; export again"
+    exported = json.loads(info_path.read_text()).get(fmt, {})
+    info = read_run_info(run_dir)
+    if all(p.is_file() for p in member_paths(run_dir, info)) and \
+            exported.get("source_sha256") != weights_sha256(run_dir, info):
+        return None, f"{path} was exported from other weights than {run_dir}'s; export again"
+    return path, ""
+
+
+def choose_engine(run_dir: str | Path, requested: str = "auto", device: torch.device | None = None) -> str:
+    """'onnx' or 'torch' for `requested` ('auto', 'onnx' or 'torch'); raises EngineError when ONNX is asked for
+    but cannot be used."""
+    if requested not in ENGINES:
+        raise EngineError(f"unknown engine {requested!r}: choose from {', '.join(ENGINES)}")
+    if requested == "torch":
+        return "torch"
+    export, why = find_current_export(run_dir, "onnx")
+    usable = export is not None and onnxruntime_available() and (device is None or device.type == "cpu")
+    if requested == "auto":
+        return "onnx" if usable else "torch"
+    if export is None:
+        raise EngineError(f"--engine onnx: {why}")
+    if not onnxruntime_available():
+        raise EngineError("--engine onnx needs `pip install onnxruntime`")
+    if device is not None and device.type != "cpu":
+        raise EngineError("--engine onnx runs on the CPU; use --device cpu or --engine torch")
+    return "onnx"
+
+
+class MemberAverage(nn.Module):
+    """The members of a run (and its temperature) as one module whose softmax is the run's probabilities: the log
+    of the mean of the members' softmax(logits / temperature)."""
+
+    def __init__(self, models: Sequence[nn.Module], temperature: float):
+        super().__init__()
+        self.members = nn.ModuleList(models)
+        self.temperature = float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([(m(x).float() / self.temperature).softmax(-1) for m in self.members]).mean(0)
+        return probs.clamp_min(1e-12).log()
+
+
+@dataclass(eq=False)
+class LoadedRun:
+    """A finished run, loaded once and ready to predict: `predict(paths)` for photos, `predict_probs(batch)` for
+    preprocessed float32 NCHW batches. Probabilities average the run's members and the test-time views, at the
+    run's temperature, on ONNX Runtime (an up-to-date export, `engine='onnx'`) or PyTorch.
+
+    `models` (the PyTorch members) are loaded on first use; the ONNX engine does not need them."""
+
+    run_dir: Path
+    info: dict
+    device: torch.device
+    engine_name: str = "torch"
+    views: tuple[str, ...] = ("identity", "hflip")
+    threads: int | None = None
+    batch_size: int = 32
+    _models: list = field(default_factory=list, repr=False)
+    _module: nn.Module | None = field(default=None, repr=False)
+    _onnx: OnnxEngine | None = field(default=None, repr=False)
+    _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info["classes"]
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.info["preprocessing"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.info["temperature"])
+
+    @property
+    def tta(self) -> bool:
+        return len(self.views) > 1
+
+    @property
+    def max_pixels(self) -> int:
+        return self.info.get("config", {}).get("data", {}).get("max_pixels", 64_000_000)
+
+    @property
+    def max_aspect(self) -> float:
+        return self.info.get("config", {}).get("data", {}).get("max_aspect", MAX_ASPECT)
+
+    @property
+    def models(self) -> list:
+        """The PyTorch model of every member, in eval mode on `device`."""
+        if not self._models:
+            m = self.info["model"]
+            for path in member_paths(self.run_dir, self.info):
+                model = create_model(m["name"], len(self.classes), m["out_features"], m["dropout"], weights="none",
+                                     drop_path_rate=0.0)
+                model.load_state_dict(load_file(str(path)))
+                self._models.append(model.to(self.device).eval().to(memory_format=torch.channels_last))
+        return self._models
+
+    @property
+    def model(self):
+        """The first member (the model itself for a plain run): what Grad-CAM looks into."""
+        return self.models[0]
+
+    @property
+    def module(self) -> nn.Module:
+        """One PyTorch module whose softmax gives the run's probabilities for one view: the model itself for a
+        plain run at temperature 1, else the members averaged at the temperature (what `pomona export` writes)."""
+        if self._module is None:
+            plain = len(self.models) == 1 and self.temperature == 1.0
+            self._module = self.models[0] if plain else MemberAverage(self.models, self.temperature).eval()
+        return self._module
+
+    def predict_probs(self, x) -> np.ndarray:
+        """Class probabilities (float32, N x classes) of a preprocessed batch (numpy or torch, N x 3 x H x W)."""
+        if self.engine_name == "onnx":
+            x = np.asarray(x, dtype=np.float32)
+            return average_probs(lambda v: softmax(self._onnx.logits(v)), x, self.views, together=True)
+        module = self.module
+        with torch.inference_mode():
+            t = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x).to(self.device)
+            t = t.contiguous(memory_format=torch.channels_last)
+            return average_probs(lambda v: module(v).float().softmax(-1), t, self.views).cpu().numpy()
+
+    def predict(self, paths: Sequence[str | Path], batch_size: int | None = None) -> Predictions:
+        """Probabilities for photo files, in input order, each decoded once (in threads, while the model runs on
+        the previous batch); unreadable files get a row of NaN and are listed in `bad`."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(2, thread_name_prefix="pomona-decode")
+        paths = [str(p) for p in paths]
+        probs, bad = predict_paths(self.predict_probs, paths, self.preprocessing, len(self.classes),
+                                   self.max_pixels, batch_size or self.batch_size, pool=self._pool,
+                                   max_aspect=self.max_aspect)
+        return Predictions(paths, probs, self.classes, bad)
+
+
+def load_run(run_dir: str | Path, device: str = "auto", engine: str = "auto", tta: bool | Sequence[str] | None = None,
+             threads: int | None = None, batch_size: int = 32) -> LoadedRun:
+    """A finished run folder, ready to predict (`from pomona import load_run`).
+
+    `engine`: 'onnx' (ONNX Runtime on the run's model.onnx), 'torch', or 'auto' = ONNX when the run folder holds
+    an up-to-date ONNX export, onnxruntime is installed and the device is the CPU, else PyTorch. `tta`: True
+    (image and left-right flip), False, a list of views (see `pomona.tta`), or None = as the run was trained."""
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir)
+    dev = resolve_device(device)
+    if tta is None:
+        tta = info.get("config", {}).get("train", {}).get("tta", True)
+    run = LoadedRun(run_dir, info, dev, choose_engine(run_dir, engine, dev), views_for(tta), threads, batch_size)
+    if run.engine_name == "onnx":
+        run._onnx = OnnxEngine(run_dir / ONNX_FILE, threads)
+    return run
