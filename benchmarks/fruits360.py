@@ -52,7 +52,7 @@ def main() -> None:
     rows = [{"recipe": "reference: frozen Lite0@224 + logistic regression", **frozen_features_baseline(train, val)}]
     start = time.perf_counter()
     out = Path(args.out)
-    result = train_and_evaluate(cfg, out / "pomona", bundle=bundle)
+    result = train_and_evaluate(cfg, out / "pomona", bundle=bundle, overwrite=True)
     seconds = time.perf_counter() - start
     metrics, _ = score_table(load_run(out / "pomona", device=cfg.device), val)
     epochs = [h for h in result.history if not h["backbone_frozen"]] or result.history

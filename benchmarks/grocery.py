@@ -31,7 +31,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery-apples
 
 def run_recipe(name: str, cfg: Config, out: Path) -> dict:
     start = time.perf_counter()
-    result = train_and_evaluate(cfg, out / name)
+    result = train_and_evaluate(cfg, out / name, overwrite=True)
     seconds = time.perf_counter() - start
     bundle = prepare_data(cfg.data, cfg.seed)
     metrics, _ = score_table(load_run(out / name, device=cfg.device), bundle.subset("val"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pomona.checkpoint import choose_engine, load_run
+from pomona.checkpoint import choose_engine, load_run, sha256_file
 from pomona.cli import run
 from pomona.engine import EngineError, OnnxEngine, iter_batches
 from pomona.export import ExportError, export_run
@@ -99,6 +99,9 @@ def test_stale_or_missing_export_is_not_used(apple_run, tmp_path, capsys):
     state = load_file(str(copy / "model.safetensors"))
     state["head.1.bias"] = state["head.1.bias"] + 1  # the run was trained further after the export
     save_file(state, str(copy / "model.safetensors"))
+    info = json.loads((copy / "run.json").read_text())  # (training records the new weights' SHA-256 in run.json)
+    info["member_sha256"] = [sha256_file(copy / "model.safetensors")]
+    (copy / "run.json").write_text(json.dumps(info))
     assert choose_engine(copy) == "torch"
     with pytest.raises(EngineError, match="exported from other weights"):
         choose_engine(copy, "onnx")

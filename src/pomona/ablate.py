@@ -163,7 +163,7 @@ def run_ablation(base: Config, out: str | Path, settings: AblationSettings, bund
             cfg = arm_config(base, arm, settings, seed, out / "balance-cache", step_ratio)
             run_dir = out / f"{arm}-seed{seed}"
             start = time.perf_counter()
-            result = train_and_evaluate(cfg, run_dir, bundle=bundle)
+            result = train_and_evaluate(cfg, run_dir, bundle=bundle, overwrite=True)
             seconds = time.perf_counter() - start
             trained = load_run(run_dir, device=cfg.device, engine="torch")
             # score the last epoch: picking the best epoch on these images would select on the test set

@@ -1,6 +1,7 @@
 """Atomic writes of run files: every file pomona writes into a run folder (JSON, CSV, weights, training state,
 NumPy arrays) is written to a temporary file in the same folder and then moved over its name with `os.replace`,
-so a killed process never leaves a half-written file behind. Standard library only."""
+so a killed process never leaves a half-written file behind (the data is flushed to disk before the rename, so
+neither does a power cut). Standard library only."""
 
 from __future__ import annotations
 
@@ -20,11 +21,28 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename, so that not even a power cut leaves it empty
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
     return path
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -6,6 +6,10 @@ This is the only module that knows every other one, and it imports them inside t
 `pomona SUB --help`, `--version` and usage errors answer at once, without PyTorch. The malloc re-exec
 (`pomona.runtime`) happens after parsing, only when a real command runs. Settings resolve as
 defaults <- config file (`--config x.yaml|x.json`) <- flags; `--print-config` shows the result and exits.
+
+Errors are one line on stderr, never a traceback (unless `--debug`): pomona's own errors (`PomonaError`: bad data,
+a damaged run folder, a missing optional package with the pip command that installs it, ...) and usage errors
+exit with 2, anything unexpected with 1 (`errors.explain_error`).
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
+from .errors import PomonaError, explain_error, require
 from .config import (AblateCommand, BalanceCommand, Config, EvaluateCommand, ExplainCommand, ExportCommand,
                      FetchCommand, InputConfig, PredictCommand, PreviewCommand, ReportCommand, ServeCommand,
                      TrainCommand, TuneCommand, choices, field_docs, load_overrides, merge, set_field)
 
 
-class UsageError(Exception):
+class UsageError(PomonaError):
     """A command line that cannot run as given (exit code 2, like argparse's own usage errors)."""
 
 
@@ -37,21 +42,30 @@ def train(s: TrainCommand) -> int:
 
     if s.resume:
         run_dir = Path(s.resume)
-        if s.config != Config.load(run_dir / "config.json"):
-            raise UsageError("--resume continues a run with the settings it was started with; give no others")
+        if s.out and Path(s.out).resolve() != run_dir.resolve():
+            raise UsageError(f"--resume {s.resume} continues that run in its own folder; drop --out {s.out}")
+        if s.overwrite:
+            raise UsageError("--resume continues a run; --overwrite would replace it: give one of them")
+        conflicts = config_differences(Config.load(run_dir / "config.json"), s.config)
+        if conflicts:
+            raise UsageError(f"--resume continues {run_dir} with the settings it was started with (its config.json); "
+                             f"these differ: {'; '.join(conflicts)}. Drop them, or start a new run with --out")
     elif not s.out:
         raise UsageError("--out RUN_FOLDER is required")
     else:
         run_dir = Path(s.out)
+        from .checkpoint import check_new_run_folder
+
+        check_new_run_folder(run_dir, s.overwrite)  # at once, before any photo is read
     cfg = s.config
     if s.folds:
         return _train_folds(s, run_dir)
     dist = init_distributed(os.environ, cfg.device)  # several processes when started by torchrun
     try:
         if cfg.data.unlabeled and not s.resume:
-            result = _self_train(cfg, run_dir, dist)
+            result = _self_train(cfg, run_dir, dist, s.overwrite)
         else:
-            result = train_and_evaluate(cfg, run_dir, resume=bool(s.resume), dist=dist)
+            result = train_and_evaluate(cfg, run_dir, resume=bool(s.resume), dist=dist, overwrite=s.overwrite)
     finally:
         shutdown_distributed(dist)
     if not dist.is_main:
@@ -67,8 +81,10 @@ def train(s: TrainCommand) -> int:
     return 0
 
 
-def _self_train(cfg: Config, run_dir: Path, dist):
-    """`train --unlabeled DIR` without folds: a teacher, then students on the confident pseudo-labels."""
+def _self_train(cfg: Config, run_dir: Path, dist, overwrite: bool):
+    """`train --unlabeled DIR` without folds: a teacher, then students on the confident pseudo-labels (the last
+    one into RUN_FOLDER itself, beside teacher/)."""
+    from .checkpoint import clear_run_folder
     from .data import prepare_data
     from .selftrain import index_unlabeled, self_train
     from .train import train_and_evaluate
@@ -77,7 +93,10 @@ def _self_train(cfg: Config, run_dir: Path, dist):
         raise UsageError("--unlabeled runs in one process (not under torchrun)")
     bundle = prepare_data(cfg.data, cfg.seed)
     unlabeled = index_unlabeled(cfg.data.unlabeled, bundle.table["path"])
-    return self_train(lambda b, folder: train_and_evaluate(cfg, folder, bundle=b), bundle, unlabeled, run_dir,
+    if overwrite:
+        clear_run_folder(run_dir)
+    # RUN_FOLDER was checked before anything was read; its own teacher/ is the one thing found there now
+    return self_train(lambda b, folder: train_and_evaluate(cfg, folder, bundle=b, overwrite=True), bundle, unlabeled, run_dir,
                       cfg.train.pseudo_threshold, cfg.train.self_train_rounds, cfg.device)
 
 
@@ -93,6 +112,10 @@ def _train_folds(s: TrainCommand, run_dir: Path) -> int:
         raise UsageError("--resume continues one model's training; a --folds run is not resumable (run it again)")
     if "LOCAL_RANK" in os.environ:
         raise UsageError("--folds runs in one process (not under torchrun)")
+    if s.overwrite:
+        from .checkpoint import clear_run_folder
+
+        clear_run_folder(run_dir)
     result = train_folds(s.config, run_dir, s.folds, s.repeats)
     cv = result.cv
     lo, hi = cv["oof_macro_f1_ci95"]
@@ -104,6 +127,18 @@ def _train_folds(s: TrainCommand, run_dir: Path) -> int:
     print(f"wrote {run_dir}/oof.csv, cv.json, eval/ and {build_report(run_dir, run_dir / 'eval')}; the run is the "
           f"ensemble of the {len(cv['per_fold'])} fold models")
     return 0
+
+
+def config_differences(saved: Config, given: Config) -> list[str]:
+    """The settings in which `given` differs from `saved`, as 'train.lr 0.01 (saved: 0.001)'."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    a, b = flat(saved.to_dict()), flat(given.to_dict())
+    return [f"{k} {b[k]!r} (saved: {a[k]!r})" for k in a if a[k] != b.get(k)]
 
 
 def _train_base(s: TrainCommand) -> Config:
@@ -144,12 +179,13 @@ def _evaluate_and_report(run_dir: Path, table, out: Path, s: EvaluateCommand) ->
 
 
 def _tune_base(s: TuneCommand) -> Config:
-    from .tune import TUNE_DEFAULTS
+    from .config import TUNE_DEFAULTS
 
     return merge(Config(), TUNE_DEFAULTS)
 
 
 def tune(s: TuneCommand) -> int:
+    require("pomona tune", "optuna", *{"wandb": ["wandb"], "mlflow": ["mlflow"]}.get(s.tune.tracker, []))
     from .config import load_search_space
     from .report import build_report
     from .tune import format_space, tune as run_tune
@@ -231,6 +267,8 @@ def predict(s: PredictCommand) -> int:
 
 
 def export(s: ExportCommand) -> int:
+    if s.format == "onnx":
+        require("pomona export --format onnx", "onnx", "onnxruntime")
     from .export import export_run
 
     result = export_run(s.run, s.format, s.out, s.opset, s.tolerance)
@@ -242,6 +280,7 @@ def export(s: ExportCommand) -> int:
 
 
 def serve(s: ServeCommand) -> int:
+    require("pomona serve", "fastapi", "uvicorn", "python_multipart|multipart")  # before the model is loaded
     from .serve import serve as run_server
 
     run_server(s)
@@ -428,10 +467,14 @@ def _has_config(cls: type) -> bool:
     return any(f.name == "config" for f in dataclasses.fields(cls))
 
 
+DEBUG_HELP = "show the full traceback of an error instead of its one-line message"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pomona", description="Train, tune, evaluate and serve EfficientNet "
                                      "classifiers for apple varieties. `pomona COMMAND --help` lists its settings.")
     parser.add_argument("--version", action="version", version=f"pomona {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, command in COMMANDS.items():
@@ -451,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--print-config", nargs="?", const="yaml", choices=["yaml", "json"], metavar="yaml|json",
                            help="print the resolved settings (default format: yaml) and exit, touching nothing")
         add_dataclass_flags(p, command.settings)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
@@ -463,6 +507,7 @@ class Invocation:
     command: Command
     settings: Any
     print_config: str | None = None
+    debug: bool = False
 
 
 def _set_flags(obj: Any, values: dict[str, Any], prefix: str) -> None:
@@ -499,8 +544,13 @@ def parse(argv: list[str] | None = None) -> Invocation:
             settings.config = merge(base, overrides)
         _set_flags(settings, {k: v for k, v in values.items() if "." in k}, "")
     except (KeyError, ValueError, OSError) as e:
-        parser.error(str(e).strip("'\""))
-    return Invocation(name, command, settings, getattr(ns, "print_config", None))
+        parser.error(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
+    except (ImportError, PomonaError) as e:  # e.g. --from-study without optuna: one line, as execute() reports
+        if getattr(ns, "debug", False):
+            raise
+        print(f"pomona {name}: error: {explain_error(e)[0]}", file=sys.stderr)
+        sys.exit(2)
+    return Invocation(name, command, settings, getattr(ns, "print_config", None), bool(getattr(ns, "debug", False)))
 
 
 def format_config(settings: Any, fmt: str = "yaml") -> str:
@@ -520,17 +570,19 @@ def format_config(settings: Any, fmt: str = "yaml") -> str:
 
 
 def execute(invocation: Invocation) -> int:
-    """Run a parsed command; errors about the user's data and set-up are one line on stderr and exit code 2."""
-    from .errors import PomonaError
-
+    """Run a parsed command. An error is one line on stderr (its traceback only with --debug): exit code 2 for the
+    user's data, settings and set-up (PomonaError, usage, missing files or optional packages), 1 for the rest."""
     if invocation.print_config:
         print(format_config(invocation.settings, invocation.print_config))
         return 0
     try:
         return invocation.command.function(invocation.settings)
-    except (PomonaError, UsageError, FileNotFoundError, KeyError) as e:
-        print(f"pomona {invocation.name}: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if invocation.debug:
+            raise
+        message, code = explain_error(e)
+        print(f"pomona {invocation.name}: error: {message}", file=sys.stderr)
+        return code
 
 
 def run(argv: list[str] | None = None) -> int:

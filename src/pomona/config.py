@@ -15,6 +15,8 @@ import ast
 import dataclasses
 import inspect
 import json
+import numbers
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,6 +25,10 @@ from typing import Any, Literal
 from .atomic import write_json
 
 Engine = Literal["auto", "onnx", "torch"]
+
+MAX_ASPECT = 20.0
+"""Default bound on the ratio of an image's longer side to its shorter side (a thin strip resized to the model's
+input would be huge: 16000x1 -> 16000*365 x 365 pixels)."""
 
 
 # ---------------------------------------------------------------------------------------------- run settings
@@ -67,6 +73,9 @@ class DataConfig(InputConfig):
     """Stop with an error when more than this fraction of the images cannot be read."""
     max_pixels: int = 64_000_000
     """Images with more pixels than this are treated as unreadable (decompression-bomb guard)."""
+    max_aspect: float = MAX_ASPECT
+    """Images whose longer side is more than this many times the shorter (thin strips) are treated as
+    unreadable."""
     cache_images: bool = True
     """Decode each image once per run and keep it (resized) in memory."""
     cache_max_mb: int = 4096
@@ -241,7 +250,14 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """A config.json (a run's settings); ValueError naming the file when it is missing keys' values or broken."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is damaged (not valid JSON: {getattr(e, 'msg', e)})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is damaged (not a JSON object)")
+        return cls.from_dict(data)
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "balance": BalanceConfig}
@@ -323,6 +339,10 @@ def load_search_space(path: str | Path | None) -> dict[str, SearchParam]:
     return space
 
 
+TUNE_DEFAULTS = {"model": {"freeze_backbone": True}, "train": {"epochs": 4}}
+"""`pomona tune` starts from the original system's recipe: a frozen backbone and 4 epochs per trial."""
+
+
 @dataclass
 class TuneConfig:
     """How `pomona tune` searches: the study, its storage, sampler, pruner, tracker and fast path."""
@@ -369,7 +389,11 @@ class TrainCommand:
     out: str | None = None
     """Run folder to create."""
     resume: str | None = field(default=None, metadata={"metavar": "RUN"})
-    """Continue the interrupted run in RUN from its last epoch, with its own settings."""
+    """Continue the interrupted run in RUN from its last epoch, with its own settings (flags that differ from them
+    are refused)."""
+    overwrite: bool = False
+    """Replace the run already in --out (refused without this flag); its old run files are removed only once the
+    new run's settings, data and images have been checked."""
     from_study: str | None = field(default=None, metadata={"metavar": "TUNE_RUN"})
     """Start from the best trial's settings of a `pomona tune` folder (flags still override)."""
     folds: int = 0
@@ -491,10 +515,33 @@ class ServeCommand:
     """Largest accepted request body in MB; larger uploads are refused with 413 before they are read."""
     max_pixels: int = 50_000_000
     """Largest accepted image in pixels, read from the header before decoding (decompression-bomb guard)."""
+    max_aspect: float = MAX_ASPECT
+    """Largest accepted ratio of an image's longer side to its shorter side; thinner strips get 422."""
+    decode_threads: int = 0
+    """Photos decoded at the same time (0 = one per CPU core); other uploads wait their turn, so several large
+    images never hold a full decode each at once. Large photos are decoded reduced, to about twice the model's
+    resize size."""
     max_batch: int = 16
     """Most concurrent requests answered by one model call."""
-    max_concurrency: int = 64
-    """Open requests beyond this get 503 instead of queueing without bound."""
+    max_concurrency: int = 16
+    """Requests processed at once (upload read, decoded, classified); more wait in the queue. Idle connections,
+    /health and the page do not count."""
+    max_queue: int = 256
+    """Requests waiting for a free slot; when the queue is full, new ones get 503 with a Retry-After header."""
+    queue_timeout: float = 30.0
+    """Seconds a request may wait in the queue; then it gets 503 with Retry-After."""
+    retry_after: int = 2
+    """Seconds a 503 answer asks the client to wait before trying again (the Retry-After header)."""
+    header_timeout: float = 10.0
+    """Seconds a connection may stay without a request in progress (from connecting, or from its previous
+    response) before its request's headers are complete; silent or trickling connections are then closed."""
+    body_timeout: float = 60.0
+    """Seconds a client has to send its upload once the request is processed; slower uploads get 408."""
+    keep_alive_timeout: int = 5
+    """Seconds an idle keep-alive connection stays open after a response."""
+    max_connections: int = 512
+    """Open TCP connections; past this, the connection idle longest (for more than a second) is closed, never one
+    with a request in progress."""
     min_confidence: float = 0.6
     """Below this top probability the answer says 'not sure: X or Y' (`sure: false` and `verdict` in the JSON)."""
     explain: bool = True
@@ -612,6 +659,8 @@ def merge(cfg: Config, overrides: dict[str, Any]) -> Config:
     cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name)) for name in SECTIONS})
     for key, value in overrides.items():
         if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ValueError(f"{key} holds settings (a mapping such as {key}: {{...}}), not {value!r}")
             section = getattr(cfg, key)
             for k, v in value.items():
                 set_field(section, RENAMED.get(k, k), v, prefix=f"{key}.")
@@ -621,14 +670,58 @@ def merge(cfg: Config, overrides: dict[str, Any]) -> Config:
 
 
 def set_field(obj: Any, name: str, value: Any, prefix: str = "") -> None:
-    """Set a field of a settings dataclass, checking that it exists and that the value is one of its choices."""
+    """Set a field of a settings dataclass, checking that it exists, that the value has the field's type (an int
+    for an int, a number for a float, ...) and that it is one of its choices."""
     known = {f.name for f in fields(obj)}
     if name not in known or name in SECTIONS and isinstance(obj, Config):
         raise KeyError(f"unknown setting {prefix}{name}; known: {sorted(known)}")
-    allowed = choices(typing.get_type_hints(type(obj))[name])
+    hint = typing.get_type_hints(type(obj))[name]
+    allowed = choices(hint)
     if allowed and value not in allowed:
         raise ValueError(f"{prefix}{name} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+    if not _has_type(value, hint):
+        raise ValueError(f"{prefix}{name} must be {_type_name(hint)}, not {value!r}")
     setattr(obj, name, value)
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether `value` fits the type `hint` of a settings field (numbers of any numeric type where they fit)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or dataclasses.is_dataclass(hint):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, (bool, np_bool_types()))
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def np_bool_types() -> tuple:
+    """numpy's bool type when numpy is already loaded (values from Optuna), without importing it here."""
+    import sys
+
+    numpy = sys.modules.get("numpy")
+    return (numpy.bool_,) if numpy is not None else ()
+
+
+def _type_name(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a text", type(None): "none"}
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return " or ".join(names.get(a, "a list" if typing.get_origin(a) is list else str(a)) for a in args)
 
 
 def choices(hint: Any) -> tuple | None:
@@ -651,15 +744,30 @@ def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
 
 
 def load_overrides(path: str | Path) -> dict[str, Any]:
-    """Read a config file (YAML for .yaml/.yml, else JSON) holding only the settings it changes."""
+    """Read a config file (JSON for .json, else YAML, which also reads JSON) holding only the settings it changes;
+    ValueError naming the file and the line for a file that does not parse."""
     path = Path(path)
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file; a config file is YAML or JSON") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            hint = " (a YAML file needs a .yaml or .yml name)" if ":" in text and not text.lstrip().startswith("{") \
+                else ""
+            raise ValueError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}{hint}") from None
+    else:
         import yaml
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file holds a mapping of settings, not {type(data).__name__}")
     return data

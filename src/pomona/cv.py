@@ -156,7 +156,7 @@ def train_folds(cfg: Config, run_dir: str | Path, folds: int = 5, repeats: int =
 
             def train_one(b: DataBundle, folder: Path):
                 return train_and_evaluate(replace(fold_cfg, seed=cfg.seed + 1000 * r + k), folder, callbacks,
-                                          bundle=b)
+                                          bundle=b, overwrite=True)  # a fold's folder holds at most its teacher
 
             if unlabeled:
                 self_train(train_one, bundle, unlabeled, fold_dir, cfg.train.pseudo_threshold,

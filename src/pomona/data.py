@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,10 @@ class DataBundle:
 
     def drop(self, paths: list[str]) -> "DataBundle":
         return DataBundle(self.table[~self.table["path"].isin(set(paths))].reset_index(drop=True), self.classes)
+
+    def with_absolute_paths(self) -> "DataBundle":
+        """The same table with absolute paths (what split.csv stores: usable from any working folder)."""
+        return DataBundle(self.table.assign(path=[os.path.abspath(p) for p in self.table["path"]]), self.classes)
 
 
 def index_data(cfg: DataConfig) -> pd.DataFrame:
@@ -72,6 +77,22 @@ def thin_training_frames(table: pd.DataFrame, every_nth: int) -> pd.DataFrame:
 
 
 def load_split(path: str | Path, classes: list[str]) -> DataBundle:
-    """A split saved by a run (split.csv), e.g. to resume it."""
+    """A split saved by a run (split.csv), e.g. to resume or evaluate it. Paths are absolute; the relative paths
+    of older runs are resolved from the working folder when they exist there, else from the run folder or the
+    nearest folder above it where they do (where `pomona train` ran). Labels the run does not know are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataLayoutError(f"{path.parent} has no {path.name}: not a pomona run folder, or an incomplete one")
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = {"path", "label", "subset"} - set(table.columns)
+    if missing:
+        raise DataLayoutError(f"{path} lacks the column(s) {sorted(missing)}: the file is damaged")
+    unknown = sorted(set(table["label"]) - set(classes))
+    if unknown:
+        raise DataLayoutError(f"{path} has labels the run does not know: {unknown} (its classes: {classes})")
+    relative = [p for p in table["path"] if not os.path.isabs(p)]
+    if relative:  # an older run: find the folder training ran from (the working folder or one above the run)
+        run_dir = path.resolve().parent
+        base = next((b for b in (Path.cwd(), run_dir, *run_dir.parents) if (b / relative[0]).exists()), Path.cwd())
+        table = table.assign(path=[p if os.path.isabs(p) else os.path.abspath(base / p) for p in table["path"]])
     return DataBundle(table, classes)

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from .config import MAX_ASPECT
 from .images import BadImageError, load_image
 from .preprocessing import Preprocessing, create_resize, create_shrink
 from .progress import Progress
@@ -24,9 +25,11 @@ class DecodedImages:
     """
 
     def __init__(self, pre: Preprocessing, max_pixels: int = 64_000_000, max_bytes: int = 4 << 30,
-                 enabled: bool = True, max_side: int | None = None):
+                 enabled: bool = True, max_side: int | None = None, max_aspect: float = MAX_ASPECT):
         self.resize = create_resize(pre) if not max_side else create_shrink(pre, max_side)
-        self.max_pixels = max_pixels
+        self.max_pixels, self.max_aspect = max_pixels, max_aspect
+        # large photos are decoded reduced, to at least twice the shorter side kept
+        self.target = max_side or pre.resize_size
         self.max_bytes = max_bytes if enabled else 0
         self.cache: dict[str, torch.Tensor] = {}
         self.nbytes = 0
@@ -40,7 +43,7 @@ class DecodedImages:
         if path in self.bad:
             raise BadImageError(self.bad[path])
         try:
-            x = self.resize(load_image(path, self.max_pixels))
+            x = self.resize(load_image(path, self.max_pixels, self.target, self.max_aspect))
         except BadImageError as e:
             self.bad[path] = str(e)
             raise

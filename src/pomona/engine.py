@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import PomonaError
+from .config import MAX_ASPECT
 from .images import BadImageError, load_image
 from .preprocessing import Preprocessing, create_eval_transform_np
 from .progress import Progress
@@ -108,20 +109,20 @@ class OnnxEngine:
 
 def iter_batches(paths: Sequence[str], pre: Preprocessing, max_pixels: int, batch_size: int = 32,
                  workers: int = 2, prefetch: int = 2, pool: concurrent.futures.Executor | None = None,
-                 ) -> Iterator[tuple[list[int], np.ndarray | None, dict]]:
+                 max_aspect: float = MAX_ASPECT) -> Iterator[tuple[list[int], np.ndarray | None, dict]]:
     """Batches of decoded photos `(indices, array, bad)` in input order, decoded in a thread pool that keeps up
     to `prefetch` batches ahead of the consumer (decoding overlaps inference; memory stays bounded).
     `bad` maps the unreadable paths of the batch to the reason; their indices are left out. Pass a long-lived
     `pool` when calling often (threads are then started once), else one of `workers` threads is made here."""
     if pool is None:
         with concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="pomona-decode") as own:
-            yield from iter_batches(paths, pre, max_pixels, batch_size, workers, prefetch, own)
+            yield from iter_batches(paths, pre, max_pixels, batch_size, workers, prefetch, own, max_aspect)
         return
     transform = create_eval_transform_np(pre)
 
     def decode(path: str):
         try:
-            return transform(load_image(path, max_pixels)), None
+            return transform(load_image(path, max_pixels, pre.resize_size, max_aspect)), None
         except BadImageError as e:
             return None, str(e)
 
@@ -157,14 +158,16 @@ def iter_batches(paths: Sequence[str], pre: Preprocessing, max_pixels: int, batc
 
 def predict_paths(fn: Callable[[np.ndarray], np.ndarray], paths: Sequence[str], pre: Preprocessing,
                   num_classes: int, max_pixels: int = 64_000_000, batch_size: int = 32, workers: int = 2,
-                  pool: concurrent.futures.Executor | None = None) -> tuple[np.ndarray, dict[str, str]]:
+                  pool: concurrent.futures.Executor | None = None, max_aspect: float = MAX_ASPECT,
+                  ) -> tuple[np.ndarray, dict[str, str]]:
     """`fn` (a batch -> probabilities) over every path: probabilities in input order (rows of NaN for unreadable
     photos) and the unreadable ones with reasons."""
     paths = [str(p) for p in paths]
     out = np.full((len(paths), num_classes), np.nan, dtype=np.float32)
     bad: dict[str, str] = {}
     with Progress(total=len(paths), desc="predict", unit="img") as bar:
-        for indices, x, batch_bad in iter_batches(paths, pre, max_pixels, batch_size, workers, pool=pool):
+        for indices, x, batch_bad in iter_batches(paths, pre, max_pixels, batch_size, workers, pool=pool,
+                                                      max_aspect=max_aspect):
             if x is not None:
                 out[indices] = fn(x)
             bad.update(batch_bad)

@@ -2,9 +2,9 @@
 PyTorch before it is kept.
 
 The export goes into the run folder (or `out`) as `model.onnx` / `model.torchscript.pt`, with `export.json`
-beside it: per format the file, the SHA-256 of the weights it came from, the classes, the preprocessing and the
-parity check (max |exported - PyTorch| over the logits of a batch). When `out` is another folder, `run.json` is
-copied there too, so that folder alone can be served or used with `predict`.
+beside it: per format the file and its SHA-256, the SHA-256 of the weights it came from, the classes, the
+preprocessing and the parity check (max |exported - PyTorch| over the logits of a batch). When `out` is another
+folder, `run.json` is copied there too, so that folder alone can be served or used with `predict`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write, write_json
-from .checkpoint import EXPORT_INFO, ONNX_FILE, TORCHSCRIPT_FILE, copy_run_info, load_run, weights_sha256
+from .checkpoint import (CLASSES_METADATA, EXPORT_INFO, ONNX_FILE, TORCHSCRIPT_FILE, RunFolderError, copy_run_info,
+                         load_run, read_json_file, sha256_file, weights_sha256)
 from .engine import OnnxEngine
 from .errors import PomonaError
 from .onnx_io import export_onnx
@@ -41,6 +42,7 @@ class ExportResult:
     batch_sizes: tuple[int, ...]
     opset: int | None
     source_sha256: str
+    file_sha256: str = ""
 
 
 def create_check_batch(pre: Preprocessing, n: int, seed: int = 0) -> torch.Tensor:
@@ -90,7 +92,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
         """Write the export to `tmp` and compare it with PyTorch; refused (nothing kept) beyond the tolerance."""
         if fmt == "onnx":
             export_onnx(model, batches[0], tmp, opset, metadata={
-                "pomona.classes": json.dumps(info["classes"]),
+                CLASSES_METADATA: json.dumps(info["classes"]),
                 "pomona.preprocessing": json.dumps(info["preprocessing"]),
                 "pomona.model": json.dumps(info["model"])})
             engine = OnnxEngine(tmp, threads)
@@ -108,7 +110,8 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
 
     atomic_write(path, write_checked)
     result = ExportResult(fmt, path.name, checked["diff"], tolerance, checked["agree"], batch_sizes,
-                          opset if fmt == "onnx" else None, weights_sha256(run_dir, info))
+                          opset if fmt == "onnx" else None, weights_sha256(run_dir, info),
+                          file_sha256=sha256_file(path))
     write_export_info(out_dir, result, info)
     if out_dir.resolve() != run_dir.resolve():
         copy_run_info(run_dir, out_dir)
@@ -118,7 +121,10 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
 def write_export_info(out_dir: Path, result: ExportResult, info: dict) -> Path:
     """Add this format's entry to export.json (other formats' entries are kept)."""
     path = out_dir / EXPORT_INFO
-    data = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        data = read_json_file(path) if path.is_file() else {}
+    except RunFolderError:  # a damaged export.json is replaced
+        data = {}
     data[result.format] = {**asdict(result), "classes": info["classes"], "preprocessing": info["preprocessing"],
                            "torch_version": torch.__version__,
                            "onnxruntime_version": _onnxruntime_version() if result.format == "onnx" else None}

@@ -126,7 +126,8 @@ def prepare_features(cfg: Config, bundle: DataBundle, cache_dir: str | Path, eng
     seed_everything(cfg.seed)  # as train_and_evaluate does: with --weights none, every worker gets one backbone
     backbone = create_backbone(cfg.model.name, cfg.model.weights, num_classes=0).eval()
     pre = resolve_preprocessing(backbone, cfg.model.img_size)
-    bundle, images = prepare_training_data(cfg, bundle, pre, Path(run_dir or cache_dir), write_info=bool(run_dir))
+    bundle, images, _ = prepare_training_data(cfg, bundle, pre, Path(run_dir or cache_dir),
+                                              write_info=bool(run_dir))
     views = views_for(cfg.train.tta)
     key = feature_key(cfg.model.name, backbone, pre, bundle, views)
     path = cache_dir / f"{cfg.model.name}-{key[:20]}.npz"

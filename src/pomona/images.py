@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import MAX_ASPECT
 from .errors import PomonaError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -39,9 +40,54 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def load_image(path: str | Path | bytes, max_pixels: int = 64_000_000) -> Image.Image:
+
+REDUCE_MARGIN = 2
+"""A reduced decode keeps the shorter side at least REDUCE_MARGIN times the target, so the resize that follows
+still has pixels to average and predictions on ordinary photos do not change."""
+
+# Modes `Image.reduce` averages correctly; the others (palette, 1-bit, 16-bit) are converted to RGB first.
+_REDUCIBLE = {"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F"}
+
+
+def reduction_factor(size: tuple[int, int], target: int | None) -> int:
+    """The largest integer factor an image of `size` can be shrunk by while its shorter side stays at least
+    REDUCE_MARGIN * `target` (1 = decode at full size)."""
+    if not target:
+        return 1
+    return max(1, min(size) // (REDUCE_MARGIN * int(target)))
+
+
+def check_size(size: tuple[int, int], max_pixels: int, max_aspect: float = MAX_ASPECT) -> None:
+    """Raise BadImageError for an image of `size` (from its header) with too many pixels or too thin a shape."""
+    w, h = size
+    if w * h > max_pixels:
+        raise BadImageError(f"too many pixels ({w}x{h} > {max_pixels})")
+    if min(w, h) < 1:
+        raise BadImageError(f"cannot decode: empty image ({w}x{h})")
+    if max(w, h) > max_aspect * min(w, h):
+        raise BadImageError(f"extreme aspect ratio ({w}x{h} is {max(w, h) / min(w, h):.0f}:1, the limit is "
+                            f"{max_aspect:g}:1)")
+
+
+def _reduce(img: Image.Image, factor: int) -> Image.Image:
+    if factor <= 1:
+        return img
+    if img.mode not in _REDUCIBLE:
+        img = _to_rgb(img)
+    return img.reduce(factor)
+
+
+def load_image(path: str | Path | bytes, max_pixels: int = 64_000_000, target: int | None = None,
+               max_aspect: float = MAX_ASPECT) -> Image.Image:
     """Open `path` (or the bytes of an upload) as an upright RGB image or raise BadImageError (empty, truncated,
-    not an image, too large). The pixel count is checked from the header, before anything is decoded."""
+    not an image, too many pixels, longer side more than `max_aspect` times the shorter). Size and shape are
+    checked from the header, before anything is decoded.
+
+    `target`: the shorter side the caller will resize to (`Preprocessing.resize_size`). Large images are then
+    decoded reduced, to a shorter side of at least 2 * `target` (never below it): JPEGs by the decoder itself
+    (1/2, 1/4, 1/8 scale, `Image.draft`), other formats by `Image.reduce` right after decoding, before any
+    colour conversion or rotation, so memory past the decode scales with the output. Without `target` the image
+    is returned at full size."""
     try:
         if isinstance(path, bytes):
             if not path:
@@ -54,10 +100,11 @@ def load_image(path: str | Path | bytes, max_pixels: int = 64_000_000) -> Image.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise BadImageError(f"too many pixels ({w}x{h} > {max_pixels})")
+                check_size(img.size, max_pixels, max_aspect)
+                if reduction_factor(img.size, target) > 1 and img.format in ("JPEG", "MPO"):
+                    img.draft(None, (REDUCE_MARGIN * target, REDUCE_MARGIN * target))
                 img.load()
+                img = _reduce(img, reduction_factor(img.size, target))
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb(img)
     except BadImageError:

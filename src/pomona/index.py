@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Mapping
 
 import pandas as pd
 
@@ -50,6 +51,28 @@ def assign_groups(table: pd.DataFrame, group_by: str | None) -> pd.DataFrame:
     return table
 
 
+def _label_key(label: str) -> str:
+    """Spellings of one label that differ only in case, spaces, '-' or '_' share this key."""
+    return re.sub(r"[\s_\-]+", "", label).casefold()
+
+
+def _spelling_clashes(labels: pd.Series) -> list[list[str]]:
+    """Groups of distinct labels that are one label spelled differently (see `_label_key`)."""
+    spellings: dict[str, set[str]] = {}
+    for label in labels.unique():
+        spellings.setdefault(_label_key(label), set()).add(label)
+    return [sorted(group) for group in spellings.values() if len(group) > 1]
+
+
+SPELLING_HELP = "labels that differ only in case, spaces, '-' or '_' would become separate classes"
+
+
+def _lines(index: pd.Index, limit: int = 10) -> str:
+    numbers = [str(i + 2) for i in index[:limit]]
+    more = f" and {len(index) - limit} more" if len(index) > limit else ""
+    return ("line " if len(index) == 1 else "lines ") + ", ".join(numbers) + more
+
+
 def index_folder(root: str | Path, group_by: str | None = None) -> pd.DataFrame:
     """Index a folder-per-class layout: every image below `root/<class>/` is labelled `<class>`."""
     root = Path(root)
@@ -64,6 +87,14 @@ def index_folder(root: str | Path, group_by: str | None = None) -> pd.DataFrame:
         raise DataLayoutError(
             f"no images found in {root}: expected one sub-folder per class holding "
             f"{', '.join(IMAGE_EXTENSIONS)} files")
+    labels = pd.Series([label for _, label in rows])
+    clashes = _spelling_clashes(labels)
+    if clashes:
+        counts = labels.value_counts()
+        listing = "\n".join("  " + ", ".join(f"{root / label}/ ({counts[label]} images)" for label in group)
+                            for group in clashes)
+        raise DataLayoutError(f"{root}: class folders named alike; {SPELLING_HELP}:\n{listing}\n"
+                              "Rename or merge them so that each variety has one folder.")
     return assign_groups(pd.DataFrame(rows, columns=["path", "label"]).assign(group=""), group_by)[COLUMNS]
 
 
@@ -123,5 +154,40 @@ def index_csv(csv: str | Path, images: str | Path, id_column: str = "img_id", la
     if len(dup):
         raise DataLayoutError(f"{csv}: {len(dup)} row(s) repeat an image id:\n" + _format_rows(dup))
     paths = resolve_ids(df, images, id_column, str(csv))
-    table = pd.DataFrame({"path": paths, "label": df[label_column].str.strip(), "group": ""})
+    files = pd.Series([str(Path(p).resolve()) for p in paths], index=df.index)
+    same = files[files.duplicated(keep=False)]
+    if len(same):
+        listing = "\n".join(
+            f"  {paths[df.index.get_loc(rows.index[0])]}: "
+            + ", ".join(f"line {i + 2} {df.at[i, id_column]!r} ({df.at[i, label_column].strip()})" for i in rows.index)
+            for _, rows in list(same.groupby(same, sort=False))[:10])
+        raise DataLayoutError(f"{csv}: {len(same)} rows name the same image file (an id with and without its "
+                              f"extension, or with spaces, is one photo):\n{listing}")
+    labels = df[label_column].str.strip()
+    clashes = _spelling_clashes(labels)
+    if clashes:
+        listing = "\n".join("  " + ", ".join(f"{label!r} ({_lines(labels.index[labels == label])})"
+                                             for label in group) for group in clashes)
+        raise DataLayoutError(f"{csv}: {SPELLING_HELP}:\n{listing}\nWrite each variety one way.")
+    table = pd.DataFrame({"path": paths, "label": labels, "group": ""})
     return assign_groups(table, group_by)[COLUMNS]
+
+
+def check_readable_classes(table: pd.DataFrame, bad: Mapping[str, str]) -> None:
+    """Raise DataLayoutError when every training image of a class is unreadable (`bad`: path -> reason), as the
+    class would be trained with no images; the message names the class and its files. Rows whose `subset` is
+    not 'train' are ignored."""
+    rows = table[table["subset"] == "train"] if "subset" in table.columns else table
+    if not len(rows) or not bad:
+        return
+    unreadable = rows["path"].isin(set(bad)).groupby(rows["label"]).all()
+    empty = sorted(unreadable[unreadable].index)
+    if not empty:
+        return
+    parts = []
+    for label in empty:
+        paths = list(rows.loc[rows["label"] == label, "path"])
+        listing = "".join(f"\n    {p}: {bad[p]}" for p in paths[:5])
+        more = f"\n    ... and {len(paths) - 5} more" if len(paths) > 5 else ""
+        parts.append(f"  {label!r}: all {len(paths)} training image(s) unreadable:{listing}{more}")
+    raise DataLayoutError(f"{len(empty)} class(es) would have no training images:\n" + "\n".join(parts))

@@ -256,7 +256,7 @@ def _summary(run_dir: Path, config: dict, metrics: dict | None) -> str:
     """Model, image size and date of the run, then the evaluation's scores."""
     from .checkpoint import RUN_INFO, read_run_info
 
-    info = read_run_info(run_dir) if (run_dir / RUN_INFO).is_file() else {}
+    info = read_run_info(run_dir, check=False) if (run_dir / RUN_INFO).is_file() else {}
     model = info.get("model", {}).get("name") or config.get("model", {}).get("name", "?")
     size = info.get("preprocessing", {}).get("input_size") or config.get("model", {}).get("img_size") or "?"
     stamp = next((p for p in (run_dir / RUN_INFO, run_dir / "config.json") if p.is_file()), None)

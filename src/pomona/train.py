@@ -5,13 +5,17 @@ one epoch loop that full training (`train_and_evaluate`, below) and the frozen-f
 
 A run folder holds everything needed to use or continue it:
   config.json        the full resolved Config
-  split.csv          path,label,group,subset of every image (the split is never re-drawn)
-  bad_images.json    files skipped as unreadable, with the reason
+  split.csv          path,label,group,subset of every image, absolute paths (the split is never re-drawn)
+  bad_images.json    files skipped as unreadable, with the reason (kept, and added to, on --resume)
   balance.json       with --balance: counts before/after, the cache folder, time
   history.csv        one row per epoch (losses, validation macro-F1/accuracy, learning rate, speed)
   model.safetensors  the best epoch's weights (by validation macro-F1)
   run.json           classes, preprocessing, model settings and the best epoch (`pomona.checkpoint`)
   last.pt            the last epoch's full state (model, optimiser, schedule, early stopping), for --resume
+
+Nothing is written into the run folder before everything that can be checked has been: settings, data layout,
+split, every image decoded, the bad-image fraction, the model and its weights. An existing run folder is refused
+unless `overwrite` (`pomona train --overwrite`), and then its old run files are removed only at that point.
 
 Training never imports optuna or a tracker: they attach through `callbacks`, objects with an
 `on_epoch_end(epoch, metrics)` method; raising from it stops the run (that is how a tuner prunes).
@@ -34,8 +38,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from .atomic import write_csv, write_json
 from .balance import balance_training_fold, parse_mode
-from .checkpoint import (PROBE_WEIGHTS, TRAINING_STATE, load_training_state, load_weights, save_run,
-                         save_training_state, save_weights)
+from .checkpoint import (PROBE_WEIGHTS, TRAINING_STATE, check_new_run_folder, clear_run_folder,
+                         load_resumable_state, load_weights, read_json_file, save_run, save_training_state,
+                         save_weights)
 from .config import Config, TrainConfig
 from .data import DataBundle, load_split, prepare_data
 from .datasets import DecodedImages, ImageDataset
@@ -363,26 +368,25 @@ def fit(model: AppleNet, loader: DataLoader, validate_fn: Callable[[nn.Module], 
 
 
 # ------------------------------------------------------------------------------------------------ a whole run
-def balance_bundle(bundle: DataBundle, cfg: Config, run_dir: Path, write_info: bool = True) -> DataBundle:
-    """Append Augmentor-generated images for the training fold (cached, see `pomona.balance`); writes
-    balance.json (counts before/after, cache folder, time) into the run folder."""
+def balance_bundle(bundle: DataBundle, cfg: Config, run_dir: Path) -> tuple[DataBundle, dict]:
+    """Append Augmentor-generated images for the training fold (cached outside the run folder, see
+    `pomona.balance`); returns the bundle and what balance.json holds (counts before/after, cache folder, time)."""
     cache_dir = Path(cfg.balance.cache_dir) if cfg.balance.cache_dir else run_dir.resolve().parent / "balance-cache"
     bundle, result = balance_training_fold(bundle, cfg.balance, cfg.seed, cache_dir, cfg.data.max_pixels)
-    if not write_info:
-        return bundle
-    write_json(run_dir / "balance.json", {
+    write(f"balanced the training fold: {sum(result.plan.extra.values())} generated images "
+          f"({'from cache ' if result.cached else ''}{result.folder})")
+    return bundle, {
         "mode": cfg.balance.mode, "operations": cfg.balance.operations, "before": result.plan.counts,
         "generated": result.plan.extra, "after": result.plan.after, "folder": str(result.folder),
         "cached": result.cached, "seconds": result.seconds,
-        "images_per_s": result.images_per_s if result.seconds else None, "skipped_sources": result.skipped_sources})
-    write(f"balanced the training fold: {sum(result.plan.extra.values())} generated images "
-          f"({'from cache ' if result.cached else ''}{result.folder})")
-    return bundle
+        "images_per_s": result.images_per_s if result.seconds else None, "skipped_sources": result.skipped_sources}
 
 
 def check_images(bundle: DataBundle, images: DecodedImages, max_bad_fraction: float) -> DataBundle:
     """Decode every image once; drop unreadable ones, or stop when too many are bad."""
     bad = images.scan(list(bundle.table["path"]), desc="decoding images")
+    from .index import check_readable_classes  # a class with no readable training image is an error
+    check_readable_classes(bundle.table, images.bad)
     if bad and len(bad) > max_bad_fraction * len(bundle.table):
         listing = "\n".join(f"  {p}: {images.bad[p]}" for p in bad[:10])
         raise TooManyBadImages(f"{len(bad)} of {len(bundle.table)} images cannot be read (limit "
@@ -393,19 +397,26 @@ def check_images(bundle: DataBundle, images: DecodedImages, max_bad_fraction: fl
 
 
 def prepare_training_data(cfg: Config, bundle: DataBundle, pre: Preprocessing, run_dir: Path, balance: bool = True,
-                          write_info: bool = True, dist: DistContext = SINGLE) -> tuple[DataBundle, DecodedImages]:
+                          write_info: bool = True, dist: DistContext = SINGLE,
+                          ) -> tuple[DataBundle, DecodedImages, dict | None]:
     """The training images of a split, as both paths use them: with `cfg.balance`, the generated images appended
-    to the training fold (rank 0 generates them once, the other ranks find them in the cache; balance.json goes
-    into `run_dir` when `write_info`); then every image decoded once, the unreadable ones dropped."""
+    to the training fold (rank 0 generates them once, the other ranks find them in the cache); then every image
+    decoded once, the unreadable ones dropped. Returns the bundle, the decoded images and what balance.json holds
+    (None without balancing), which goes into `run_dir` when `write_info`."""
+    info = None
     if balance and parse_mode(cfg.balance.mode)[0] != "off":
         if dist.is_main:
-            bundle = balance_bundle(bundle, cfg, run_dir, write_info=write_info)
+            bundle, info = balance_bundle(bundle, cfg, run_dir)
         dist.barrier()
         if not dist.is_main:
-            bundle = balance_bundle(bundle, cfg, run_dir, write_info=False)
+            bundle, _ = balance_bundle(bundle, cfg, run_dir)
     max_side = (cfg.data.cache_side or 2 * pre.resize_size) if cfg.train.augment else None
-    images = DecodedImages(pre, cfg.data.max_pixels, cfg.data.cache_max_mb << 20, cfg.data.cache_images, max_side)
-    return check_images(bundle, images, cfg.data.max_bad_fraction), images
+    images = DecodedImages(pre, cfg.data.max_pixels, cfg.data.cache_max_mb << 20, cfg.data.cache_images, max_side,
+                           cfg.data.max_aspect)
+    bundle = check_images(bundle, images, cfg.data.max_bad_fraction)
+    if info is not None and write_info:
+        write_json(run_dir / "balance.json", info)
+    return bundle, images, info
 
 
 def model_settings(cfg: Config) -> dict:
@@ -466,17 +477,18 @@ def interpolate_weights(start: dict, end: dict, alpha: float) -> dict:
 
 def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Callback] = (),
                        bundle: DataBundle | None = None, resume: bool = False,
-                       dist: DistContext = SINGLE) -> TrainResult:
+                       dist: DistContext = SINGLE, overwrite: bool = False) -> TrainResult:
     """Train `cfg` into `run_dir` and keep the last epoch (or, with `keep='best'`, the best by validation
     macro-F1); resume from last.pt if asked.
 
     When the backbone is fine-tuned with `head_init='probe'`, the head is first trained on the frozen backbone's
     features (`probe_head`), and with `wise_alpha < 1` the kept weights are interpolated towards those of the
-    probe (WiSE-FT). Under torchrun (`dist` with several ranks) every rank trains on its share of each batch;
-    rank 0 alone writes files and calls `callbacks`.
+    probe (WiSE-FT). A new run checks everything (data, split, images, bad-image fraction, model and weights) before
+    it writes anything into `run_dir`; an existing run folder there is refused (RunFolderError) unless `overwrite`,
+    and then its run files are removed just before the new ones are written. Under torchrun (`dist` with several
+    ranks) every rank trains on its share of each batch; rank 0 alone writes files and calls `callbacks`.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     start_time = time.perf_counter()
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dist.enabled:
@@ -484,14 +496,13 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
     seed_everything(cfg.seed)
     state = None
     if resume:
-        if not (run_dir / TRAINING_STATE).is_file():
-            raise FileNotFoundError(f"nothing to resume in {run_dir} (no {TRAINING_STATE})")
-        state = load_training_state(run_dir / TRAINING_STATE)
+        state = load_resumable_state(run_dir)
         bundle = load_split(run_dir / "split.csv", state["classes"])
-    elif bundle is None:
-        bundle = prepare_data(cfg.data, cfg.seed)
-    if dist.is_main:
-        cfg.save(run_dir / "config.json")
+    else:
+        check_new_run_folder(run_dir, overwrite)
+        if bundle is None:
+            bundle = prepare_data(cfg.data, cfg.seed)
+        bundle = bundle.with_absolute_paths()
 
     model = create_model(cfg.model.name, len(bundle.classes), cfg.model.out_features, cfg.model.dropout,
                          cfg.model.weights)
@@ -499,11 +510,22 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
     model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    bundle, images = prepare_training_data(cfg, bundle, pre, run_dir, balance=not resume, dist=dist)
-    if dist.is_main:
-        if not resume:
+    bundle, images, balance_info = prepare_training_data(cfg, bundle, pre, run_dir, balance=not resume,
+                                                         write_info=False, dist=dist)
+    bad = dict(images.bad)
+    if dist.is_main:  # everything checked: only now is the run folder touched
+        if resume:
+            bad_path = run_dir / "bad_images.json"
+            bad = {**(read_json_file(bad_path) if bad_path.is_file() else {}), **bad}
+        else:
+            if overwrite:
+                clear_run_folder(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(run_dir / "config.json")
             write_csv(run_dir / "split.csv", bundle.table)
-        write_json(run_dir / "bad_images.json", images.bad)
+            if balance_info is not None:
+                write_json(run_dir / "balance.json", balance_info)
+        write_json(run_dir / "bad_images.json", bad)
 
     t = cfg.train
     probed = not cfg.model.freeze_backbone and t.head_init == "probe"
@@ -541,4 +563,4 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
                  save_model=save_model, save_state=save_state, state=state, channels_last=channels_last,
                  start_time=start_time, dist=dist)
     return TrainResult(run_dir, result.best["epoch"], result.best["val_macro_f1"], result.history,
-                       dict(images.bad), result.seconds)
+                       bad, result.seconds)

@@ -28,10 +28,6 @@ from .data import DataBundle, prepare_data
 from .progress import write
 from .study import STUDY_ATTR, create_storage, default_storage, open_study, run_worker, save_results, study_counts
 
-TUNE_DEFAULTS = {"model": {"freeze_backbone": True}, "train": {"epochs": 4}}
-"""`pomona tune` starts from the original system's recipe: a frozen backbone and 4 epochs per trial."""
-
-
 # ------------------------------------------------------------------------------------------- search space
 def active_space(space: dict[str, SearchParam], cfg: Config) -> dict[str, SearchParam]:
     """The parameters that apply to `cfg` (frozen backbone or full fine-tuning)."""
@@ -126,7 +122,7 @@ class Objective:
             else:
                 from .train import train_and_evaluate
 
-                result = train_and_evaluate(cfg, trial_dir, callbacks=callbacks, bundle=self.bundle)
+                result = train_and_evaluate(cfg, trial_dir, callbacks=callbacks, bundle=self.bundle, overwrite=True)
             state = "complete"
         except optuna.TrialPruned:
             state = "pruned"
