@@ -147,6 +147,15 @@ class TrainConfig:
     (0 = off); steadies the result on small data."""
     tta: bool = True
     """Average predictions over the image and its left-right flip at validation and test time."""
+    # -- speed: where augmentation runs, precision, compilation (the recipe is the same either way)
+    device_augment: Literal["auto", "on", "off"] = "auto"
+    """Decode every image once into one uint8 store and augment whole batches on the training device
+    (pomona.batch_augment); off = per-image torchvision transforms in the data loader; auto = on with CUDA."""
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    """Mixed precision: bfloat16 autocast of the forward pass and loss; auto = bf16 on CUDA, off on the CPU
+    (slower there on 2 cores)."""
+    compile: bool = False
+    """torch.compile the model for training (pays on a GPU over long runs; compiling takes a minute first)."""
 
 
 @dataclass

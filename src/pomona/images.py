@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from pathlib import Path
@@ -39,27 +40,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def load_image(path: str | Path | bytes, max_pixels: int = 64_000_000) -> Image.Image:
-    """Open `path` (or the bytes of an upload) as an upright RGB image or raise BadImageError (empty, truncated,
-    not an image, too large). The pixel count is checked from the header, before anything is decoded."""
+@contextlib.contextmanager
+def _reading():
+    """Turn every way a file can fail to be an image into BadImageError (and keep PIL's bomb warning an error)."""
     try:
-        if isinstance(path, bytes):
-            if not path:
-                raise BadImageError("empty file (0 bytes)")
-            source = io.BytesIO(path)
-        else:
-            source = Path(path)
-            if source.stat().st_size == 0:
-                raise BadImageError("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise BadImageError(f"too many pixels ({w}x{h} > {max_pixels})")
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+            yield
     except BadImageError:
         raise
     except FileNotFoundError as e:
@@ -70,3 +57,39 @@ def load_image(path: str | Path | bytes, max_pixels: int = 64_000_000) -> Image.
         raise BadImageError(f"too many pixels: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:  # truncated data, broken headers
         raise BadImageError(f"cannot decode: {e}") from e
+
+
+def _open(path: str | Path | bytes, max_pixels: int) -> Image.Image:
+    """The opened (not yet decoded) image, its pixel count checked against `max_pixels` from the header."""
+    if isinstance(path, bytes):
+        if not path:
+            raise BadImageError("empty file (0 bytes)")
+        source = io.BytesIO(path)
+    else:
+        source = Path(path)
+        if source.stat().st_size == 0:
+            raise BadImageError("empty file (0 bytes)")
+    img = Image.open(source)
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise BadImageError(f"too many pixels ({w}x{h} > {max_pixels})")
+    return img
+
+
+def load_image(path: str | Path | bytes, max_pixels: int = 64_000_000) -> Image.Image:
+    """Open `path` (or the bytes of an upload) as an upright RGB image or raise BadImageError (empty, truncated,
+    not an image, too large). The pixel count is checked from the header, before anything is decoded."""
+    with _reading(), _open(path, max_pixels) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+
+
+def image_size(path: str | Path, max_pixels: int = 64_000_000) -> tuple[int, int]:
+    """Width and height of the upright image (EXIF orientation applied), read from the header without decoding
+    the pixels; raises BadImageError as `load_image` would for what the header already shows."""
+    with _reading(), _open(path, max_pixels) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+        return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
