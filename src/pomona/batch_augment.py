@@ -184,24 +184,37 @@ def sampling_grid(sizes: torch.Tensor, canvas: tuple[int, int], spec: BatchAugme
     turns = torch.where(_uniform(n, 0, 1, device, generator) < spec.rot90, turns, torch.zeros_like(turns))
     quarter = torch.round(_rotation(turns * (math.pi / 2)))  # exact 0/+-1 entries
     angle = _uniform(n, -spec.rotate, spec.rotate, device, generator) * (math.pi / 180)
-    # base grid: pixel centres of the S x S output in [-1, 1] (align_corners=False)
-    axis = (torch.arange(s, device=device, dtype=torch.float32) * 2 + 1) / s - 1
-    base = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1)  # S x S x 2, (x, y)
-    q = torch.einsum("nij,hwj->nhwi", _rotation(angle), base) if spec.rotate > 0 else base.expand(n, s, s, 2)
-    if spec.elastic > 0:
-        q = q + _elastic_field(n, s, spec.elastic, device, generator)
-    mask = (q.abs() > 1).any(-1) if (spec.rotate > 0 or spec.elastic > 0) else None
+    rotation = _rotation(angle)
     height, width = canvas
     top, left, ch, cw = boxes.unbind(1)
     linear = torch.diag_embed(torch.stack([cw / width, ch / height], 1)) @ \
         torch.diag_embed(torch.stack([flip_x, flip_y], 1)) @ quarter
     offset = torch.stack([(2 * left + cw) / width - 1, (2 * top + ch) / height - 1], 1)
-    grid = torch.einsum("nij,nhwj->nhwi", linear, q) + offset[:, None, None, :]
+    # output pixel centres (align_corners=False); each grid coordinate is a_x u + a_y v + b per image, summed from
+    # an N x 1 x S and an N x S x 1 part (no N x S x S x 3 base grid)
+    axis = (torch.arange(s, device=device, dtype=torch.float32) * 2 + 1) / s - 1
+    u, v = axis[None, None, :], axis[None, :, None]
+
+    def affine(m: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both coordinates of the map p -> m p + b on the output grid, N x S x S each."""
+        return tuple((m[:, i, 0, None, None] * u) + (m[:, i, 1, None, None] * v + b[:, i, None, None])
+                     for i in (0, 1))
+
+    gx, gy = affine(linear @ rotation, offset)
+    mask = None
+    if spec.rotate > 0 or spec.elastic > 0:
+        qx, qy = affine(rotation, torch.zeros(n, 2, device=device))  # R p, where the rotated square reads
+        if spec.elastic > 0:
+            d = _elastic_field(n, s, spec.elastic, device, generator)
+            qx, qy = qx + d[..., 0], qy + d[..., 1]
+            gx = gx + linear[:, 0, 0, None, None] * d[..., 0] + linear[:, 0, 1, None, None] * d[..., 1]
+            gy = gy + linear[:, 1, 0, None, None] * d[..., 0] + linear[:, 1, 1, None, None] * d[..., 1]
+        mask = (qx.abs() > 1) | (qy.abs() > 1)
     # stay on the picture's own pixel centres (edge pixels repeat, as in torchvision's resize), never the padding
     h, w = sizes[:, 0].float(), sizes[:, 1].float()
-    low = torch.tensor([1 / width - 1, 1 / height - 1], device=device)
-    high = torch.stack([(2 * w - 1) / width - 1, (2 * h - 1) / height - 1], 1)
-    grid = torch.maximum(torch.minimum(grid, high[:, None, None, :]), low)
+    gx = torch.minimum(gx.clamp_(min=1 / width - 1), ((2 * w - 1) / width - 1)[:, None, None])
+    gy = torch.minimum(gy.clamp_(min=1 / height - 1), ((2 * h - 1) / height - 1)[:, None, None])
+    grid = torch.stack([gx, gy], -1)
     return grid, mask
 
 
@@ -213,33 +226,45 @@ def luminance(x: torch.Tensor) -> torch.Tensor:
 
 
 def photometric(x: torch.Tensor, spec: BatchAugment, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The photometric operations of `spec` on RGB values in 0..1 (N x 3 x H x W), clamped to 0..1 after each."""
+    """The photometric operations of `spec` on RGB values in 0..1 (N x 3 x H x W, changed in place), clamped to
+    0..1: brightness, white balance and contrast as one per-image, per-channel linear map (clamped once, where
+    torchvision clamps after each), then gamma, blur and noise."""
     n, device = len(x), x.device
 
     def per_image(low: float, high: float) -> torch.Tensor:
-        return _uniform(n, low, high, device, generator)[:, None, None, None]
+        return _uniform(n, low, high, device, generator)
 
-    if spec.brightness > 0:
-        x = (x * per_image(1 - spec.brightness, 1 + spec.brightness)).clamp_(0, 1)
-    if spec.contrast > 0:
-        mean = luminance(x).mean((2, 3), keepdim=True)
-        x = (mean + (x - mean) * per_image(1 - spec.contrast, 1 + spec.contrast)).clamp_(0, 1)
+    if spec.brightness > 0 or spec.white_balance > 0 or spec.contrast > 0:
+        gain = torch.ones(n, 3, device=device)
+        if spec.brightness > 0:
+            gain = gain * per_image(1 - spec.brightness, 1 + spec.brightness)[:, None]
+        if spec.white_balance > 0:
+            wb = _uniform(n, 1 - spec.white_balance, 1 + spec.white_balance, device, generator, 3)
+            gain = gain * (wb / (wb @ torch.tensor(LUMA, device=device))[:, None])
+        bias = torch.zeros(n, 1, device=device)
+        if spec.contrast > 0:
+            factor = per_image(1 - spec.contrast, 1 + spec.contrast)[:, None]
+            mean = (x.mean((2, 3)) * gain) @ torch.tensor(LUMA, device=device)  # mean grey after the gains
+            gain, bias = gain * factor, (1 - factor) * mean[:, None]
+        x = torch.addcmul(bias[:, :, None, None], x, gain[:, :, None, None]).clamp_(0, 1)
     if spec.gamma > 0:
-        value = x.amax(1, keepdim=True).clamp_min(1e-4)
-        x = (x * value.pow(torch.exp(per_image(-spec.gamma, spec.gamma)) - 1)).clamp_(0, 1)
-    if spec.white_balance > 0:
-        gains = _uniform(n, 1 - spec.white_balance, 1 + spec.white_balance, device, generator, 3)
-        gains = gains / (gains @ torch.tensor(LUMA, device=device))[:, None]
-        x = (x * gains[:, :, None, None]).clamp_(0, 1)
+        value = x.amax(1, keepdim=True).clamp_min_(1e-4)  # each pixel scaled by V**gamma / V: V -> V**gamma
+        exponent = (torch.exp(per_image(-spec.gamma, spec.gamma)) - 1)[:, None, None, None]
+        x = x.mul_(value.pow_(exponent)).clamp_(0, 1)
     if spec.blur > 0:
-        sigma = _uniform(n, *spec.blur_sigma, device, generator)
-        sigma = torch.where(_uniform(n, 0, 1, device, generator) < spec.blur, sigma, torch.zeros_like(sigma))
+        sigma = per_image(*spec.blur_sigma)
+        chosen = per_image(0, 1) < spec.blur
         radius = min(int(math.ceil(3 * spec.blur_sigma[1])), x.shape[-1] - 1)
-        x = _blur(x, sigma, radius).clamp_(0, 1)
+        if device.type == "cpu":  # blur only the chosen images (on a GPU all of them: no wait for the device)
+            picked = chosen.nonzero()[:, 0]
+            if len(picked):
+                x[picked] = _blur(x[picked], sigma[picked], radius).clamp_(0, 1)
+        else:
+            x = _blur(x, torch.where(chosen, sigma, torch.zeros_like(sigma)), radius).clamp_(0, 1)
     if spec.noise > 0:
-        std = per_image(0, spec.noise)
+        std = per_image(0, spec.noise)[:, None, None, None]
         noise = torch.randn(n, 1, *x.shape[2:], device=device, generator=generator)
-        x = (x + std * noise).clamp_(0, 1)
+        x = x.add_(noise.mul_(std)).clamp_(0, 1)
     return x
 
 
