@@ -219,10 +219,10 @@ def sampling_grid(sizes: torch.Tensor, canvas: tuple[int, int], spec: BatchAugme
 
 
 # ------------------------------------------------------------------------------------------------ colour
-def luminance(x: torch.Tensor) -> torch.Tensor:
-    """Grey level N x 1 x H x W of RGB `x`."""
-    r, g, b = x.unbind(1)
-    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b)[:, None]
+def _grey(rgb: torch.Tensor) -> torch.Tensor:
+    """Grey level of the last axis (R, G, B), with Python-number weights (no host-to-device copy)."""
+    r, g, b = rgb.unbind(-1)
+    return LUMA[0] * r + LUMA[1] * g + LUMA[2] * b
 
 
 def photometric(x: torch.Tensor, spec: BatchAugment, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -240,11 +240,11 @@ def photometric(x: torch.Tensor, spec: BatchAugment, generator: torch.Generator 
             gain = gain * per_image(1 - spec.brightness, 1 + spec.brightness)[:, None]
         if spec.white_balance > 0:
             wb = _uniform(n, 1 - spec.white_balance, 1 + spec.white_balance, device, generator, 3)
-            gain = gain * (wb / (wb @ torch.tensor(LUMA, device=device))[:, None])
+            gain = gain * (wb / _grey(wb)[:, None])
         bias = torch.zeros(n, 1, device=device)
         if spec.contrast > 0:
             factor = per_image(1 - spec.contrast, 1 + spec.contrast)[:, None]
-            mean = (x.mean((2, 3)) * gain) @ torch.tensor(LUMA, device=device)  # mean grey after the gains
+            mean = _grey(x.mean((2, 3)) * gain)  # the mean grey after the gains
             gain, bias = gain * factor, (1 - factor) * mean[:, None]
         x = torch.addcmul(bias[:, :, None, None], x, gain[:, :, None, None]).clamp_(0, 1)
     if spec.gamma > 0:

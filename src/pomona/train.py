@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from .atomic import write_csv, write_json
 from .balance import balance_training_fold, parse_mode
+from .batch_augment import BatchTransform, from_train_config
 from .checkpoint import TRAINING_STATE, load_training_state, save_run, save_training_state
 from .config import Config, TrainConfig
 from .data import DataBundle, load_split, prepare_data
-from .batch_augment import BatchTransform, from_train_config
 from .datasets import DecodedImages, DeviceLoader, ImageDataset, ImageStore, RowDataset
 from .distributed import SINGLE, DistContext
 from .errors import PomonaError
