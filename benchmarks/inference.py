@@ -1,23 +1,32 @@
 """Benchmark: CPU inference of one trained run, every way pomona can run it, on the same photos, in one run.
 
-    python benchmarks/inference.py --run runs/g1 [--images ../shared/data/grocery-apples] [--n 128]
+    python benchmarks/inference.py [--run runs/g1] [--images ../shared/data/grocery-apples] [--n 128] [--repeats 3]
 
-Rows (left-right flip TTA off everywhere, so every row does the same work per photo):
+Without --run, a run is trained first (a frozen backbone on grocery-apples/train at the default image size, a
+minute or two on 2 cores); the run is then exported to every CPU format it lacks (onnx, onnx-int8, torch-bf16),
+which records the parity of the low-precision engines with fp32 on the run's held-out photos.
+
+Rows (left-right flip TTA off everywhere, so every row does the same work per photo), at the run's own size:
   eager PyTorch, default   a fresh process WITHOUT the GLIBC_TUNABLES malloc setting (POMONA_NO_REEXEC=1),
                            model.eval() + torch.inference_mode() on NCHW tensors: what a plain script does
   PyTorch, tuned           malloc thresholds raised (pomona.runtime) + channels_last, as `predict --engine torch`
+  PyTorch bf16             the same under torch.autocast("cpu", bfloat16) (`--engine torch-bf16`)
   ONNX Runtime, bare       a default InferenceSession on the run's model.onnx (the same graph pomona uses)
-  pomona OnnxEngine        pomona's engine on the same preprocessed arrays
+  pomona OnnxEngine        pomona's engine on the same preprocessed arrays (fp32 model.onnx; int8 model.int8.onnx)
   ONNX Runtime, bare + plain decode loop   files -> probabilities the plain way: decode the photos of a batch
                            one after the other (pomona's resize/crop/normalise), then one bare session call
-  pomona predict (files)   `load_run(run).predict(paths)`: JPEG decoding + preprocessing in threads + ONNX
-                           Runtime, from files to probabilities (what `pomona predict` does)
-  serve /predict           `pomona serve` over HTTP from localhost: bounded load of C concurrent clients
+  predict --engine E       `load_run(run, engine=E).predict(paths)`: JPEG decoding + preprocessing in threads +
+                           the engine, from files to probabilities (what `pomona predict` does); `auto` is what
+                           `pomona predict` picks by itself (named in the table)
+  serve /predict           `pomona serve` over HTTP from localhost (--engine auto): C concurrent clients
 
-Every row runs in its own subprocess (so the malloc setting is per row, and no row warms another's caches).
-Model rows time the model on tensors already preprocessed (the same array for every row); batch 1 = one photo
-per call, batch 32 = 32 per call. img/s = photos / total time; p50/p95 = latency of one call, in ms.
-Targets: `predict` >= 4x eager default throughput, and >= 90% of bare ONNX Runtime on the same graph.
+Every row runs in its own subprocess (so the malloc setting is per row, and no row warms another's caches), and
+every row is measured --repeats times, the rows interleaved (so a burst of load from other jobs on the machine
+hits every row alike): img/s is the median over the repeats, p50/p95 the latency of one call (ms) pooled over
+them. Model rows time the model on tensors already preprocessed (the same array for every row); batch 1 = one
+photo per call, batch 32 = 32 per call. The parity table is export.json's: each low-precision engine against
+PyTorch fp32 on the run's held-out photos, and whether it passes the gate of `--engine auto`.
+Targets: `pomona predict` >= 7x eager default throughput; OnnxEngine >= 90% of bare ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from common import print_table  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery-apples"
 BATCH = 32
+LOW_PRECISION = ("onnx-int8", "torch-bf16")
 
 
 # ------------------------------------------------------------------------------------------- worker side
@@ -60,7 +70,19 @@ def _time_calls(fn, batches: list, warmup: int = 2) -> list[float]:
 def _summary(times: list[float], per_call: int) -> dict:
     t = np.asarray(times)
     return {"img_s": per_call * len(t) / t.sum(), "p50_ms": 1000 * float(np.percentile(t, 50)),
-            "p95_ms": 1000 * float(np.percentile(t, 95)), "calls": len(t)}
+            "p95_ms": 1000 * float(np.percentile(t, 95)), "calls": len(t), "times": [float(v) for v in t]}
+
+
+def combine(runs: list[dict]) -> dict:
+    """Repeats of one row: img/s = the median over the repeats, p50/p95 over every call of every repeat."""
+    out = {}
+    for b in ("b1", "b32"):
+        times = np.concatenate([r[b]["times"] for r in runs])
+        out[b] = {"img_s": float(np.median([r[b]["img_s"] for r in runs])),
+                  "img_s_repeats": [r[b]["img_s"] for r in runs],
+                  "p50_ms": 1000 * float(np.percentile(times, 50)), "p95_ms": 1000 * float(np.percentile(times, 95))}
+    out["engine"] = runs[0].get("engine")
+    return out
 
 
 def measure_model(fn, x: np.ndarray, single: int) -> dict:
@@ -72,21 +94,21 @@ def measure_model(fn, x: np.ndarray, single: int) -> dict:
 
 def worker(kind: str, run_dir: Path, array: Path, paths_file: Path, single: int) -> dict:
     x = np.load(array)
-    if kind in ("torch-default", "torch-tuned"):
+    if kind in ("torch-default", "torch-tuned", "torch-bf16"):
         import torch
 
         from pomona.checkpoint import load_run
 
         model = load_run(run_dir, "cpu", engine="torch").model
-        channels_last = kind == "torch-tuned"
+        channels_last = kind != "torch-default"
         model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
         def fn(batch):
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=kind == "torch-bf16"):
                 t = torch.from_numpy(batch)
                 if channels_last:
                     t = t.contiguous(memory_format=torch.channels_last)
-                return model(t).softmax(-1).numpy()
+                return model(t).float().softmax(-1).numpy()
 
         result = measure_model(fn, x, single)
         result["threads"] = torch.get_num_threads()
@@ -116,22 +138,22 @@ def worker(kind: str, run_dir: Path, array: Path, paths_file: Path, single: int)
         chunks = [paths[i:i + BATCH] for i in range(0, len(paths) - BATCH + 1, BATCH)]
         result = {"b1": _summary(_time_calls(fn, [[p] for p in paths[:single]]), 1),
                   "b32": _summary(_time_calls(fn, chunks * 2), BATCH)}
-    elif kind == "pomona-engine":
+    elif kind in ("pomona-engine", "pomona-engine-int8"):
         from pomona.engine import OnnxEngine, softmax
 
-        engine = OnnxEngine(run_dir / "model.onnx")
+        engine = OnnxEngine(run_dir / ("model.onnx" if kind == "pomona-engine" else "model.int8.onnx"))
         result = measure_model(lambda b: softmax(engine.logits(b)), x, single)
-    elif kind in ("pomona-predict", "torch-predict"):
+    elif kind.startswith("predict:"):
         from pomona.checkpoint import load_run
 
         paths = paths_file.read_text().split("\n")
-        engine = "onnx" if kind == "pomona-predict" else "torch"
+        engine = kind.split(":", 1)[1]
         many = load_run(run_dir, device="cpu", tta=False, engine=engine, batch_size=BATCH)
         one = load_run(run_dir, device="cpu", tta=False, engine=engine, batch_size=1)
         chunks = [paths[i:i + BATCH] for i in range(0, len(paths) - BATCH + 1, BATCH)]
         b32 = _time_calls(many.predict, chunks * 2)
         b1 = _time_calls(one.predict, [[p] for p in paths[:single]])
-        result = {"b1": _summary(b1, 1), "b32": _summary(b32, BATCH)}
+        result = {"b1": _summary(b1, 1), "b32": _summary(b32, BATCH), "engine": many.engine_name}
     else:
         raise ValueError(kind)
     result["env_malloc_tuned"] = "GLIBC_TUNABLES" in os.environ
@@ -208,6 +230,20 @@ def load_serve(run_dir: Path, photos: list[Path], clients: int, requests_total: 
             "p95_ms": 1000 * float(np.percentile(times, 95)), "errors": errors, "requests": len(results)}
 
 
+def train_run(run_dir: Path, images: Path) -> None:
+    """A short run to measure: ImageNet Lite0 with a frozen backbone on grocery train, at the default image size
+    (a held-out 20% validation split: the photos parity is measured on)."""
+    print(f"training {run_dir} (frozen backbone, grocery train) ...", flush=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-m", "pomona", "train", "--data", str(images / "train"), "--out", str(run_dir),
+                    "--freeze-backbone", "--epochs", "8", "--lr", "3e-3", "--device", "cpu"], env=env, check=True)
+
+
+def export_in_subprocess(run_dir: Path, fmt: str) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-m", "pomona", "export", str(run_dir), "--format", fmt], env=env, check=True)
+
+
 def select_photos(root: Path, n: int) -> list[Path]:
     """`n` photos spread over every variety and both folders, in a fixed order."""
     from pomona.images import IMAGE_EXTENSIONS
@@ -219,7 +255,9 @@ def select_photos(root: Path, n: int) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a trained run folder (exported to ONNX first if needed)")
+    parser.add_argument("--run", default="runs/bench-inference", help="a trained run folder (trained first, "
+                        "frozen backbone on grocery train, when it holds no run; exported to every CPU format)")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements of every row (medians are shown)")
     parser.add_argument("--images", default=str(DATA), help="folder of photos (searched recursively)")
     parser.add_argument("--n", type=int, default=128, help="photos for the batch-32 rows (multiple of 32)")
     parser.add_argument("--single", type=int, default=40, help="photos for the batch-1 rows")
@@ -235,15 +273,16 @@ def main() -> None:
         print(json.dumps(worker(args.worker, run_dir, Path(args.array), Path(args.paths_file), args.single)))
         return
 
-    from pomona.checkpoint import find_current_export
+    from pomona.checkpoint import find_current_export, read_export_info
     from pomona.images import load_image
     from pomona.preprocessing import Preprocessing, create_eval_transform_np
 
-    if find_current_export(run_dir)[0] is None:
-        from pomona.export import export_run
-
-        print("exporting", run_dir, "to ONNX ...", flush=True)
-        export_run(run_dir, "onnx")
+    if not (run_dir / "run.json").is_file():
+        train_run(run_dir, Path(args.images))
+    for fmt in ("onnx", *LOW_PRECISION):
+        if find_current_export(run_dir, fmt)[0] is None:
+            print(f"exporting {run_dir} as {fmt} ...", flush=True)
+            export_in_subprocess(run_dir, fmt)
     info = json.loads((run_dir / "run.json").read_text())
     pre = Preprocessing.from_dict(info["preprocessing"])
     photos = select_photos(Path(args.images), args.n)
@@ -255,18 +294,30 @@ def main() -> None:
 
     plan = [("eager PyTorch, default", "torch-default", False, "tensors"),
             ("PyTorch, tuned (malloc + channels_last)", "torch-tuned", True, "tensors"),
-            ("ONNX Runtime, bare session", "ort-bare", True, "tensors"),
-            ("pomona OnnxEngine", "pomona-engine", True, "tensors"),
+            ("PyTorch bf16 autocast, tuned", "torch-bf16", True, "tensors"),
+            ("ONNX Runtime, bare session (fp32)", "ort-bare", True, "tensors"),
+            ("pomona OnnxEngine, fp32", "pomona-engine", True, "tensors"),
+            ("pomona OnnxEngine, int8", "pomona-engine-int8", True, "tensors"),
             ("ONNX Runtime, bare session + plain decode loop", "ort-bare-files", True, "files"),
-            ("PyTorch predict, tuned (--engine torch)", "torch-predict", True, "files"),
-            ("pomona predict (ONNX engine)", "pomona-predict", True, "files")]
-    rows, raw = [], {}
+            ("predict --engine torch (tuned fp32)", "predict:torch", True, "files"),
+            ("predict --engine torch-bf16", "predict:torch-bf16", True, "files"),
+            ("predict --engine onnx (fp32)", "predict:onnx", True, "files"),
+            ("predict --engine onnx-int8", "predict:onnx-int8", True, "files"),
+            ("pomona predict (--engine auto)", "predict:auto", True, "files")]
+    runs: dict[str, list] = {kind: [] for _, kind, _, _ in plan}
+    for repeat in range(args.repeats):
+        for label, kind, tuned, source in plan:
+            print(f"measuring ({repeat + 1}/{args.repeats}): {label} ...", flush=True)
+            runs[kind].append(run_worker(kind, run_dir, tmp / "x.npy", tmp / "paths.txt", args.single, tuned))
+    raw = {kind: combine(r) for kind, r in runs.items()}
+    rows = []
     for label, kind, tuned, source in plan:
-        print(f"measuring: {label} ...", flush=True)
-        r = raw[kind] = run_worker(kind, run_dir, tmp / "x.npy", tmp / "paths.txt", args.single, tuned)
+        if kind == "predict:auto":
+            label += f" = {raw[kind]['engine']}"
         for b in ("b1", "b32"):
-            rows.append({"row": label, "input": source, "batch": 1 if b == "b1" else BATCH, "img_s": r[b]["img_s"],
-                         "p50_ms": r[b]["p50_ms"], "p95_ms": r[b]["p95_ms"]})
+            r = raw[kind][b]
+            rows.append({"row": label, "input": source, "batch": 1 if b == "b1" else BATCH, "img_s": r["img_s"],
+                         "p50_ms": r["p50_ms"], "p95_ms": r["p95_ms"]})
     serve_rows = []
     for clients in sorted({1, args.clients}):
         print(f"measuring: serve /predict with {clients} client(s) ...", flush=True)
@@ -277,24 +328,45 @@ def main() -> None:
     def ips(kind, b="b32"):
         return raw[kind][b]["img_s"]
 
+    auto = raw["predict:auto"]["engine"]
     ratios = [
-        {"ratio": "pomona predict (files, b32) / eager PyTorch default (b32)", "value": ips("pomona-predict") / ips("torch-default"), "target": ">= 4"},
-        {"ratio": "pomona OnnxEngine / bare ONNX Runtime (b32)", "value": ips("pomona-engine") / ips("ort-bare"), "target": ">= 0.9"},
-        {"ratio": "pomona predict / bare ONNX Runtime + plain decode loop (files, b32)", "value": ips("pomona-predict") / ips("ort-bare-files"), "target": ">= 0.9"},
-        {"ratio": "pomona predict (files, b32) / bare ONNX Runtime (tensors, b32)", "value": ips("pomona-predict") / ips("ort-bare"), "target": ""},
-        {"ratio": "pomona predict / bare ONNX Runtime + plain decode loop (files, b1)", "value": ips("pomona-predict", "b1") / ips("ort-bare-files", "b1"), "target": ""},
-        {"ratio": "pomona OnnxEngine / eager PyTorch default (b32)", "value": ips("pomona-engine") / ips("torch-default"), "target": ""},
-        {"ratio": "PyTorch tuned / eager PyTorch default (b32)", "value": ips("torch-tuned") / ips("torch-default"), "target": ""},
-        {"ratio": "pomona OnnxEngine / eager PyTorch default (b1)", "value": ips("pomona-engine", "b1") / ips("torch-default", "b1"), "target": ""},
+        {"ratio": f"pomona predict (auto = {auto}; files, b32) / eager PyTorch default (tensors, b32)",
+         "value": ips("predict:auto") / ips("torch-default"), "target": ">= 7"},
+        {"ratio": "pomona predict (auto; files, b32) / PyTorch tuned fp32 (tensors, b32)",
+         "value": ips("predict:auto") / ips("torch-tuned"), "target": ""},
+        {"ratio": "pomona predict (auto; files, b32) / predict --engine torch (files, b32)",
+         "value": ips("predict:auto") / ips("predict:torch"), "target": ""},
+        {"ratio": "pomona predict (auto; files, b32) / predict --engine onnx fp32 (files, b32)",
+         "value": ips("predict:auto") / ips("predict:onnx"), "target": ""},
+        {"ratio": "PyTorch bf16 / PyTorch tuned fp32 (tensors, b32)",
+         "value": ips("torch-bf16") / ips("torch-tuned"), "target": ""},
+        {"ratio": "OnnxEngine int8 / OnnxEngine fp32 (tensors, b32)",
+         "value": ips("pomona-engine-int8") / ips("pomona-engine"), "target": ""},
+        {"ratio": "pomona OnnxEngine fp32 / bare ONNX Runtime (b32)", "value": ips("pomona-engine") / ips("ort-bare"),
+         "target": ">= 0.9"},
+        {"ratio": "PyTorch tuned / eager PyTorch default (b32)", "value": ips("torch-tuned") / ips("torch-default"),
+         "target": ""},
     ]
+    exported = read_export_info(run_dir)
+    parity_rows = []
+    for fmt in LOW_PRECISION:
+        p = exported[fmt]["parity"]
+        parity_rows.append({"engine": fmt, "photos": p["n"], "top1_agreement": p["top1_agreement"],
+                            "macro_f1_fp32": p["macro_f1_fp32"], "macro_f1": p["macro_f1"],
+                            "macro_f1_diff": p["macro_f1_diff"], "max_prob_diff": p["max_prob_diff"],
+                            "passes": "yes" if exported[fmt]["passed"] else "no"})
     header = (f"run {run_dir} ({info['model']['name']} @ {pre.input_size} px, {len(info['classes'])} classes); "
-              f"{len(photos)} photos from {args.images}; {os.cpu_count()} CPUs; TTA off")
+              f"{len(photos)} photos from {args.images}; {os.cpu_count()} CPUs; TTA off; medians of "
+              f"{args.repeats} repeats; parity on {parity_rows[0]['photos']} held-out photos")
     print("\n" + header)
     parts = [header, "", print_table(rows, ["row", "input", "batch", "img_s", "p50_ms", "p95_ms"])]
     print()
     parts += ["", print_table(serve_rows, ["row", "requests", "req_s", "p50_ms", "p95_ms", "errors"])]
     print()
     parts += ["", print_table(ratios, ["ratio", "value", "target"])]
+    print()
+    parts += ["", print_table(parity_rows, ["engine", "photos", "top1_agreement", "macro_f1_fp32", "macro_f1",
+                                            "macro_f1_diff", "max_prob_diff", "passes"])]
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ PACKAGE = SRC / "pomona"
 LAYERS = [
     ["config", "errors", "atomic", "progress"],
     ["images", "index", "split", "data", "balance"],
-    ["model", "preprocessing", "tta", "metrics"],
+    ["model", "preprocessing", "tta", "metrics", "batch_augment"],
     ["onnx_io", "engine", "checkpoint"],
     ["datasets", "distributed", "extract", "train", "features", "selftrain", "cv"],
     ["predict", "report", "explain", "export", "serve"],

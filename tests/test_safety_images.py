@@ -2,7 +2,6 @@
 from the header, large photos are decoded reduced, in training, predict and serve alike, and ordinary photos give
 the same model input as before."""
 
-import io
 import subprocess
 import sys
 import textwrap

@@ -45,7 +45,7 @@ from torch import nn
 
 from .atomic import atomic_write, write_json
 from .config import MAX_ASPECT
-from .engine import EngineError, OnnxEngine, Predictions, predict_paths, softmax
+from .engine import EngineError, OnnxEngine, Predictions, cpu_supports_bf16, predict_paths, softmax
 from .errors import PomonaError
 from .model import create_model, resolve_device
 from .onnx_io import onnxruntime_available
@@ -57,13 +57,24 @@ WEIGHTS = "model.safetensors"
 TRAINING_STATE = "last.pt"
 PROBE_WEIGHTS = "probe.safetensors"
 ONNX_FILE = "model.onnx"
+ONNX_INT8_FILE = "model.int8.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 EXPORT_INFO = "export.json"
-ENGINES = ("auto", "onnx", "torch")
+SPLIT_FILE = "split.csv"
+EXPORT_FILES = {"onnx": ONNX_FILE, "onnx-int8": ONNX_INT8_FILE, "torchscript": TORCHSCRIPT_FILE, "torch-bf16": None}
+"""What `pomona export --format F` writes into a run folder (torch-bf16: no file, only its parity in export.json)."""
+ENGINES = ("auto", "onnx", "onnx-int8", "torch", "torch-bf16")
+AUTO_ENGINES = ("onnx-int8", "torch-bf16", "onnx")
+"""The CPU engines `--engine auto` tries, fastest first (benchmarks/inference.py); a low-precision one only when
+its recorded parity passes (`parity_passes`), else the next; PyTorch fp32 when none can be used."""
+PARITY_MIN_TOP1_AGREEMENT = 0.99
+"""A low-precision engine's top-1 must agree with fp32 on at least this fraction of held-out photos ..."""
+PARITY_MAX_MACRO_F1_DIFF = 0.005
+"""... and its macro-F1 on them may differ from fp32's by at most this much."""
 CLASSES_METADATA = "pomona.classes"
 """Key of the class list in the safetensors metadata of weights files and in the ONNX metadata of exports."""
 RUN_FILES = ("config.json", "split.csv", "bad_images.json", "balance.json", "history.csv", RUN_INFO, WEIGHTS,
-             TRAINING_STATE, ONNX_FILE, TORCHSCRIPT_FILE, EXPORT_INFO, "report.html", "members", "eval", "folds",
+             TRAINING_STATE, ONNX_FILE, ONNX_INT8_FILE, TORCHSCRIPT_FILE, EXPORT_INFO, "report.html", "members", "eval", "folds",
              "folds.csv", "oof.csv", "cv.json", "probe.safetensors",
              "teacher", "student-1", "student-2", "pseudo_labels.csv")
 """What a training run writes (and its evaluation, report and exports): what `--overwrite` removes."""
@@ -342,21 +353,39 @@ def verify_weights(run_dir: str | Path, info: dict) -> None:
                                  "does not belong to these weights. Restore it, or retrain")
 
 
+def read_export_info(run_dir: str | Path) -> dict:
+    """export.json of a run folder (one entry per exported format), or {} when nothing was exported."""
+    path = Path(run_dir) / EXPORT_INFO
+    return read_json_file(path, "; export again") if path.is_file() else {}
+
+
+def read_split(run_dir: str | Path):
+    """split.csv of a run (path, label, group, subset of every image), or None for a folder without one (an
+    export folder)."""
+    import pandas as pd
+
+    path = Path(run_dir) / SPLIT_FILE
+    return pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else None
+
+
 def find_current_export(run_dir: str | Path, fmt: str = "onnx") -> tuple[Path | None, str]:
-    """The exported model file of `run_dir` when it exists and matches the run's current weights, else None and
-    the reason."""
+    """The exported model file of `run_dir` (for torch-bf16, which writes none: export.json) when it exists and
+    matches the run's current weights, else None and the reason."""
     run_dir = Path(run_dir)
-    path = run_dir / (ONNX_FILE if fmt == "onnx" else TORCHSCRIPT_FILE)
+    name = EXPORT_FILES[fmt]
+    path = run_dir / (name or EXPORT_INFO)
     if not path.is_file():
         return None, f"no {path.name} in {run_dir} (run `pomona export {run_dir} --format {fmt}`)"
-    info_path = run_dir / EXPORT_INFO
-    if not info_path.is_file():
+    if not (run_dir / EXPORT_INFO).is_file():
         return None, f"{path} has no {EXPORT_INFO} beside it; export again"
-    exported = read_json_file(info_path, "; export again").get(fmt, {})
+    exported = read_export_info(run_dir).get(fmt)
+    if exported is None:
+        return None, f"{EXPORT_INFO} in {run_dir} has no {fmt} entry (run `pomona export {run_dir} --format {fmt}`)"
     info = read_run_info(run_dir)
     current = weights_sha256(run_dir, info)
     if current is not None and exported.get("source_sha256") != current:
-        return None, f"{path} was exported from other weights than {run_dir}'s; export again"
+        return None, f"{path if name else fmt + ' in ' + str(run_dir)} was exported from other weights than the " \
+                     f"run's; export again"
     if exported.get("file_sha256") and exported["file_sha256"] != sha256_file(path):
         return None, f"{path} was changed after it was exported (its SHA-256 differs from {EXPORT_INFO}); export again"
     if "classes" in exported and exported["classes"] != info["classes"]:
@@ -364,24 +393,56 @@ def find_current_export(run_dir: str | Path, fmt: str = "onnx") -> tuple[Path | 
     return path, ""
 
 
+def parity_passes(entry: dict) -> tuple[bool, str]:
+    """Whether a low-precision export's recorded parity with fp32 (export.json) passes the gate: top-1 agreement
+    >= PARITY_MIN_TOP1_AGREEMENT and |macro-F1 difference| <= PARITY_MAX_MACRO_F1_DIFF on held-out photos."""
+    parity = entry.get("parity") or {}
+    if not parity.get("n"):
+        return False, "no parity measured on held-out photos"
+    agree, diff = parity["top1_agreement"], abs(parity["macro_f1_diff"])
+    if agree < PARITY_MIN_TOP1_AGREEMENT or diff > PARITY_MAX_MACRO_F1_DIFF:
+        return False, (f"parity with fp32 fails: top-1 agreement {agree:.3f} (>= {PARITY_MIN_TOP1_AGREEMENT}), "
+                       f"|macro-F1 difference| {diff:.4f} (<= {PARITY_MAX_MACRO_F1_DIFF}) on {parity['n']} photos")
+    return True, ""
+
+
+def engine_usable(run_dir: str | Path, engine: str, device: torch.device | None = None,
+                  gate: bool = True) -> tuple[bool, str]:
+    """Whether `engine` can run `run_dir` on `device` (its export current, its package installed, its hardware
+    there; with `gate`, a low-precision engine's recorded parity passing), else why not."""
+    cpu = device is None or device.type == "cpu"
+    if engine == "torch":
+        return True, ""
+    if engine == "torch-bf16":
+        if cpu and not cpu_supports_bf16():
+            return False, "this CPU has no native bfloat16 (avx512_bf16 or amx_bf16)"
+    else:
+        if not onnxruntime_available():
+            return False, f"--engine {engine} needs `pip install onnxruntime`"
+        if not cpu:
+            return False, f"--engine {engine} runs on the CPU; use --device cpu or --engine torch"
+    export, why = find_current_export(run_dir, engine)
+    if export is None:
+        return False, why
+    if gate and engine != "onnx":
+        return parity_passes(read_export_info(run_dir)[engine])
+    return True, ""
+
+
 def choose_engine(run_dir: str | Path, requested: str = "auto", device: torch.device | None = None) -> str:
-    """'onnx' or 'torch' for `requested` ('auto', 'onnx' or 'torch'); raises EngineError when ONNX is asked for
-    but cannot be used."""
+    """The engine for `requested`: 'auto' = on the CPU the first usable of AUTO_ENGINES (a low-precision engine
+    only when its recorded parity with fp32 passes), else 'torch'; a named engine as asked (its parity is not
+    checked: asking for it is the user's call), or EngineError when it cannot be used here."""
     if requested not in ENGINES:
         raise EngineError(f"unknown engine {requested!r}: choose from {', '.join(ENGINES)}")
-    if requested == "torch":
-        return "torch"
-    export, why = find_current_export(run_dir, "onnx")
-    usable = export is not None and onnxruntime_available() and (device is None or device.type == "cpu")
     if requested == "auto":
-        return "onnx" if usable else "torch"
-    if export is None:
-        raise EngineError(f"--engine onnx: {why}")
-    if not onnxruntime_available():
-        raise EngineError("--engine onnx needs `pip install onnxruntime`")
-    if device is not None and device.type != "cpu":
-        raise EngineError("--engine onnx runs on the CPU; use --device cpu or --engine torch")
-    return "onnx"
+        if device is not None and device.type != "cpu":
+            return "torch"
+        return next((e for e in AUTO_ENGINES if engine_usable(run_dir, e, device)[0]), "torch")
+    usable, why = engine_usable(run_dir, requested, device, gate=False)
+    if not usable:
+        raise EngineError(f"--engine {requested}: {why}")
+    return requested
 
 
 class MemberAverage(nn.Module):
@@ -476,11 +537,12 @@ class LoadedRun:
 
     def predict_probs(self, x) -> np.ndarray:
         """Class probabilities (float32, N x classes) of a preprocessed batch (numpy or torch, N x 3 x H x W)."""
-        if self.engine_name == "onnx":
+        if self._onnx is not None:
             x = np.asarray(x, dtype=np.float32)
             return average_probs(lambda v: softmax(self._onnx.logits(v)), x, self.views, together=True)
         module = self.module
-        with torch.inference_mode():
+        bf16 = self.engine_name == "torch-bf16"
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             t = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x).to(self.device)
             t = t.contiguous(memory_format=torch.channels_last)
             return average_probs(lambda v: module(v).float().softmax(-1), t, self.views).cpu().numpy()
@@ -501,8 +563,8 @@ def load_run(run_dir: str | Path, device: str = "auto", engine: str = "auto", tt
              threads: int | None = None, batch_size: int = 32) -> LoadedRun:
     """A finished run folder, ready to predict (`from pomona import load_run`).
 
-    `engine`: 'onnx' (ONNX Runtime on the run's model.onnx), 'torch', or 'auto' = ONNX when the run folder holds
-    an up-to-date ONNX export, onnxruntime is installed and the device is the CPU, else PyTorch. `tta`: True
+    `engine`: 'onnx' (ONNX Runtime on the run's model.onnx), 'onnx-int8' (model.int8.onnx), 'torch',
+    'torch-bf16', or 'auto' (`choose_engine`: on the CPU the fastest up-to-date export whose parity passes). `tta`: True
     (image and left-right flip), False, a list of views (see `pomona.tta`), or None = as the run was trained."""
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
@@ -511,9 +573,10 @@ def load_run(run_dir: str | Path, device: str = "auto", engine: str = "auto", tt
         tta = info.get("config", {}).get("train", {}).get("tta", True)
     verify_weights(run_dir, info)
     run = LoadedRun(run_dir, info, dev, choose_engine(run_dir, engine, dev), views_for(tta), threads, batch_size)
-    if run.engine_name == "onnx":
-        run._onnx = OnnxEngine(run_dir / ONNX_FILE, threads)
+    if run.engine_name in ("onnx", "onnx-int8"):
+        name = EXPORT_FILES[run.engine_name]
+        run._onnx = OnnxEngine(run_dir / name, threads)
         meta = run._onnx.session.get_modelmeta().custom_metadata_map
         if CLASSES_METADATA in meta and json.loads(meta[CLASSES_METADATA]) != info["classes"]:
-            raise _class_mismatch(f"the metadata of {ONNX_FILE}", json.loads(meta[CLASSES_METADATA]), info["classes"])
+            raise _class_mismatch(f"the metadata of {name}", json.loads(meta[CLASSES_METADATA]), info["classes"])
     return run

@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 from .atomic import write_json
 
-Engine = Literal["auto", "onnx", "torch"]
+Engine = Literal["auto", "onnx", "onnx-int8", "torch", "torch-bf16"]
+FeatureEngine = Literal["auto", "onnx", "torch"]
 
 MAX_ASPECT = 20.0
 """Default bound on the ratio of an image's longer side to its shorter side (a thin strip resized to the model's
@@ -199,6 +200,15 @@ class TrainConfig:
     (0 = off)."""
     tta: bool = True
     """Average predictions over the image and its left-right flip at validation and test time."""
+    # -- speed: where augmentation runs, precision, compilation (the recipe is the same either way)
+    device_augment: Literal["auto", "on", "off"] = "auto"
+    """Decode every image once into one uint8 store and augment whole batches on the training device
+    (pomona.batch_augment); off = per-image torchvision transforms in the data loader; auto = on with CUDA."""
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    """Mixed precision: bfloat16 autocast of the forward pass and loss; auto = bf16 on CUDA, off on the CPU
+    (slower there on 2 cores)."""
+    compile: bool = False
+    """torch.compile the model for training (pays on a GPU over long runs; compiling takes a minute first)."""
 
 
 @dataclass
@@ -368,7 +378,7 @@ class TuneConfig:
     """Tracker project (W&B) or experiment (MLflow) name; runs are grouped by study."""
     fast_path: Literal["auto", "on", "off"] = "auto"
     """auto (on when the backbone is frozen), on or off: train heads on cached backbone features."""
-    feature_engine: Engine = "auto"
+    feature_engine: FeatureEngine = "auto"
     """Feature extraction for the fast path: auto (ONNX Runtime on CPU, PyTorch on CUDA), onnx or torch."""
     feature_cache: str | None = None
     """Folder of cached features (default: OUT/features)."""
@@ -427,7 +437,8 @@ class ScoringConfig(InputConfig):
     device: str = "auto"
     """auto, cpu or cuda."""
     engine: Engine = "auto"
-    """auto = ONNX Runtime when the run has an up-to-date model.onnx (pomona export), else PyTorch."""
+    """auto = on the CPU the fastest up-to-date export whose parity with fp32 passed (onnx-int8, torch-bf16, then
+    fp32 onnx; see `pomona export`), else PyTorch fp32; or onnx, onnx-int8, torch, torch-bf16."""
     tta: bool | None = None
     """Average with the left-right flip (default: as the run was trained)."""
     threads: int | None = None
@@ -485,14 +496,22 @@ class ExportCommand:
 
     run: str = field(metadata={"positional": True})
     """Run folder."""
-    format: Literal["onnx", "torchscript"] = "onnx"
-    """Exported format."""
+    format: Literal["onnx", "onnx-int8", "torch-bf16", "torchscript"] = "onnx"
+    """onnx (fp32), onnx-int8 (model.int8.onnx: static int8 quantisation calibrated on the run's training photos;
+    writes the fp32 model.onnx first when missing), torch-bf16 (no file: PyTorch with bfloat16 autocast) or
+    torchscript. Low-precision formats record their parity with fp32 on the run's held-out photos in export.json;
+    `--engine auto` uses them only when it passes (top-1 agreement >= 99%, |macro-F1 difference| <= 0.005)."""
     out: str | None = None
     """Folder for the exported model (default: the run folder)."""
     opset: int = 17
     """ONNX opset."""
     tolerance: float = 1e-3
-    """Largest accepted |exported - PyTorch| logit difference."""
+    """Largest accepted |exported - PyTorch| logit difference (fp32 formats)."""
+    calibration: int = 64
+    """onnx-int8: training photos of the run that calibrate the activation ranges."""
+    parity_data: str | None = None
+    """Labelled folder (one sub-folder per class) for the parity of low-precision formats (default: the run's
+    validation photos, from split.csv)."""
 
 
 @dataclass(kw_only=True)
@@ -506,7 +525,8 @@ class ServeCommand:
     port: int = 8000
     """TCP port to listen on."""
     engine: Engine = "auto"
-    """'auto' (ONNX Runtime when the run has an up-to-date ONNX export, else PyTorch), 'onnx' or 'torch'."""
+    """auto (the fastest up-to-date export whose parity with fp32 passed, else PyTorch: as `pomona predict`),
+    onnx, onnx-int8, torch or torch-bf16."""
     threads: int = 0
     """ONNX Runtime threads per model call (0 = one per CPU core)."""
     tta: bool = True

@@ -8,6 +8,7 @@ function to `predict_paths`) and nothing of training.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import queue
 import threading
 import time
@@ -80,6 +81,18 @@ class Predictions:
             row["error"] = self.bad.get(path, "")
             rows.append(row)
         return pd.DataFrame(rows)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (the avx512_bf16 or amx_bf16 flags of /proc/cpuinfo), where
+    PyTorch's bf16 autocast is fast; elsewhere it is emulated and slower than fp32, so never chosen."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

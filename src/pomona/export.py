@@ -1,31 +1,47 @@
-"""`pomona export`: a run's best model as ONNX (for the ONNX Runtime engine) or TorchScript, checked against
-PyTorch before it is kept.
+"""`pomona export`: a run's best model as ONNX (for the ONNX Runtime engine), int8 ONNX, bf16 PyTorch or
+TorchScript, checked against PyTorch fp32 before it is used.
 
-The export goes into the run folder (or `out`) as `model.onnx` / `model.torchscript.pt`, with `export.json`
-beside it: per format the file and its SHA-256, the SHA-256 of the weights it came from, the classes, the
-preprocessing and the parity check (max |exported - PyTorch| over the logits of a batch). When `out` is another
-folder, `run.json` is copied there too, so that folder alone can be served or used with `predict`.
+The export goes into the run folder (or `out`) as `model.onnx` / `model.int8.onnx` / `model.torchscript.pt`
+(torch-bf16 writes no file), with `export.json` beside it: per format the file, the SHA-256 of the weights it
+came from, the SHA-256 of the file itself, the classes, the preprocessing and the check against PyTorch fp32:
+
+- fp32 formats (onnx, torchscript): max |exported - PyTorch| over the logits of seeded batches, refused above
+  the tolerance;
+- low-precision formats (onnx-int8, torch-bf16): `parity` on held-out photos (the run's validation split, or
+  `parity_data`): top-1 agreement with fp32, macro-F1 of both and its difference, max |probability
+  difference|, and whether it `passed` the gate of `checkpoint.parity_passes`. A failing export is kept (it
+  can be forced with `--engine`) but `--engine auto` does not use it. onnx-int8 is quantised statically
+  (`onnx_io.quantize_onnx`) with activation ranges calibrated on the run's training photos; when the whole
+  graph fails the gate, it is quantised again with the first convolution and the head left in float.
+
+When `out` is another folder, `run.json` is copied there too, so that folder alone can be served or used with
+`predict`.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from .atomic import atomic_write, write_json
-from .checkpoint import (CLASSES_METADATA, EXPORT_INFO, ONNX_FILE, TORCHSCRIPT_FILE, RunFolderError, copy_run_info,
-                         load_run, read_json_file, sha256_file, weights_sha256)
-from .engine import OnnxEngine
+from .checkpoint import (CLASSES_METADATA, EXPORT_FILES, EXPORT_INFO, RunFolderError, copy_run_info,
+                         find_current_export, load_run, parity_passes, read_json_file, read_run_info, read_split,
+                         sha256_file, weights_sha256)
+from .engine import OnnxEngine, cpu_supports_bf16, iter_batches, softmax
 from .errors import PomonaError
-from .onnx_io import export_onnx
+from .metrics import macro_f1
+from .onnx_io import export_onnx, quantize_onnx, sensitive_nodes
 from .preprocessing import Preprocessing
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "onnx-int8", "torch-bf16", "torchscript")
+LOW_PRECISION = ("onnx-int8", "torch-bf16")
 
 
 class ExportError(PomonaError, RuntimeError):
@@ -36,13 +52,20 @@ class ExportError(PomonaError, RuntimeError):
 class ExportResult:
     format: str
     path: str
-    max_abs_diff: float
-    tolerance: float
-    argmax_agree: bool
+    max_abs_diff: float | None
+    tolerance: float | None
+    argmax_agree: bool | None
     batch_sizes: tuple[int, ...]
     opset: int | None
     source_sha256: str
+    parity: dict | None = None
+    """Low-precision formats: agreement with fp32 on held-out photos (`measure_parity`)."""
+    passed: bool | None = None
+    """Low-precision formats: whether `parity` passes the gate of `--engine auto`."""
+    details: dict = field(default_factory=dict)
+    """How it was made (onnx-int8: calibration photos, nodes left in float, seconds)."""
     file_sha256: str = ""
+    """SHA-256 of the exported file (checked whenever it is loaded)."""
 
 
 def create_check_batch(pre: Preprocessing, n: int, seed: int = 0) -> torch.Tensor:
@@ -72,20 +95,28 @@ def compare_logits(reference: torch.nn.Module, run_exported, batches: list[torch
 
 
 def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, opset: int = 17,
-               tolerance: float = 1e-3, threads: int | None = None) -> ExportResult:
-    """Export the best model of `run_dir` as `fmt` and verify it against PyTorch (batches of 1 and 5);
-    raises ExportError, leaving nothing behind, when the logits differ by more than `tolerance`."""
+               tolerance: float = 1e-3, threads: int | None = None, calibration: int = 64,
+               parity_data: str | Path | None = None) -> ExportResult:
+    """Export the best model of `run_dir` as `fmt`. fp32 formats are verified against PyTorch (batches of 1 and 5;
+    ExportError, leaving nothing behind, when the logits differ by more than `tolerance`); low-precision formats
+    get their parity with fp32 on held-out photos recorded (see the module's docstring)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: choose from {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
     out_dir = Path(out) if out else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    if fmt in LOW_PRECISION:
+        result = export_low_precision(run_dir, fmt, out_dir, opset, tolerance, threads, calibration, parity_data)
+        write_export_info(out_dir, result, read_run_info(run_dir))
+        if out_dir.resolve() != run_dir.resolve():
+            copy_run_info(run_dir, out_dir)
+        return result
     run = load_run(run_dir, "cpu", engine="torch")
     model = run.module.float().eval()  # the model itself, or the members averaged at the run's temperature
     info = run.info
     batch_sizes = (1, 5)
     batches = [create_check_batch(run.preprocessing, n, seed=n) for n in batch_sizes]
-    path = out_dir / (ONNX_FILE if fmt == "onnx" else TORCHSCRIPT_FILE)
+    path = out_dir / EXPORT_FILES[fmt]
     checked: dict = {}
 
     def write_checked(tmp: str) -> None:
@@ -127,8 +158,112 @@ def write_export_info(out_dir: Path, result: ExportResult, info: dict) -> Path:
         data = {}
     data[result.format] = {**asdict(result), "classes": info["classes"], "preprocessing": info["preprocessing"],
                            "torch_version": torch.__version__,
-                           "onnxruntime_version": _onnxruntime_version() if result.format == "onnx" else None}
+                           "onnxruntime_version": _onnxruntime_version() if "onnx" in result.format else None}
     return write_json(path, data)
+
+
+# ------------------------------------------------------------------------------------------------ low precision
+def held_out_photos(run_dir: Path, classes: list[str], parity_data: str | Path | None = None,
+                    ) -> tuple[list[str], np.ndarray, str]:
+    """The labelled photos parity is measured on: `parity_data` (a folder per class), else the validation rows
+    of the run's split.csv; their class indices and where they came from."""
+    if parity_data:
+        from .index import index_folder
+
+        table, source = index_folder(parity_data), str(parity_data)
+    else:
+        split = read_split(run_dir)
+        if split is None or not (split["subset"] == "val").any():
+            raise ExportError(f"{run_dir} has no validation photos in split.csv to measure parity with fp32 on; "
+                              "give --parity-data FOLDER (one sub-folder per class)")
+        table, source = split[split["subset"] == "val"], "the run's validation split (split.csv)"
+    unknown = sorted(set(table["label"]) - set(classes))
+    if unknown:
+        raise ExportError(f"parity photos of classes the model does not know: {unknown}")
+    index = {c: i for i, c in enumerate(classes)}
+    return list(table["path"]), np.array([index[c] for c in table["label"]], dtype=np.int64), source
+
+
+def calibration_photos(run_dir: Path, n: int) -> list[str]:
+    """Up to `n` training photos of the run (split.csv), spread evenly over its classes and files."""
+    split = read_split(run_dir)
+    if split is None or not (split["subset"] == "train").any():
+        raise ExportError(f"onnx-int8 calibrates on the run's training photos, and {run_dir} has no split.csv")
+    train = split[split["subset"] == "train"].sort_values(["label", "path"])
+    picks = np.unique(np.linspace(0, len(train) - 1, num=min(n, len(train))).round().astype(int))
+    return list(train["path"].iloc[picks])
+
+
+def measure_parity(reference: Callable[[np.ndarray], np.ndarray], candidate: Callable[[np.ndarray], np.ndarray],
+                   paths: Sequence[str], labels: np.ndarray, pre: Preprocessing, max_pixels: int,
+                   batch_size: int = 32) -> dict:
+    """Agreement of `candidate` with `reference` (preprocessed batch -> logits), one view, on labelled photos:
+    top-1 agreement, macro-F1 of each on the labels and the difference, max |probability difference|."""
+    ref, new, kept = [], [], []
+    for indices, x, _ in iter_batches(paths, pre, max_pixels, batch_size):
+        if x is None:
+            continue
+        ref.append(softmax(np.asarray(reference(x), dtype=np.float64)))
+        new.append(softmax(np.asarray(candidate(x), dtype=np.float64)))
+        kept += indices
+    if not kept:
+        raise ExportError("none of the parity photos could be read")
+    ref, new, y = np.concatenate(ref), np.concatenate(new), labels[kept]
+    f1_ref, f1_new = macro_f1(y, ref.argmax(1)), macro_f1(y, new.argmax(1))
+    return {"n": len(kept), "top1_agreement": float((ref.argmax(1) == new.argmax(1)).mean()),
+            "macro_f1_fp32": f1_ref, "macro_f1": f1_new, "macro_f1_diff": f1_new - f1_ref,
+            "max_prob_diff": float(np.abs(ref - new).max())}
+
+
+def export_low_precision(run_dir: Path, fmt: str, out_dir: Path, opset: int, tolerance: float,
+                         threads: int | None, calibration: int, parity_data: str | Path | None) -> ExportResult:
+    """onnx-int8 (model.int8.onnx) or torch-bf16 (no file), with its parity against PyTorch fp32."""
+    run = load_run(run_dir, "cpu", engine="torch")
+    model = run.module.float().eval()
+    pre, info = run.preprocessing, run.info
+    paths, labels, source = held_out_photos(run_dir, run.classes, parity_data)
+
+    def fp32(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).float().numpy()
+
+    def parity_of(candidate: Callable[[np.ndarray], np.ndarray]) -> dict:
+        return {**measure_parity(fp32, candidate, paths, labels, pre, run.max_pixels), "photos": source}
+
+    start = time.perf_counter()
+    details: dict = {}
+    if fmt == "torch-bf16":
+        def bf16(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).float().numpy()
+
+        parity, path_name = parity_of(bf16), None
+        details["cpu_bf16_native"] = cpu_supports_bf16()
+    else:
+        fp32_onnx, _ = find_current_export(out_dir, "onnx") if (out_dir / EXPORT_INFO).is_file() else (None, "")
+        if fp32_onnx is None:
+            export_run(run_dir, "onnx", out_dir, opset, tolerance, threads)
+            fp32_onnx = out_dir / EXPORT_FILES["onnx"]
+        calib = calibration_photos(run_dir, calibration)
+        batches = [x for _, x, _ in iter_batches(calib, pre, run.max_pixels, 16) if x is not None]
+        details["calibration_photos"] = int(sum(len(b) for b in batches))
+        found: dict = {}
+
+        def quantize(tmp: str) -> None:
+            for exclude in ([], sensitive_nodes(fp32_onnx)):
+                quantize_onnx(fp32_onnx, tmp, batches, exclude)
+                engine = OnnxEngine(tmp, threads)
+                found.update(parity=parity_of(engine.logits), excluded_nodes=exclude)
+                if parity_passes({"parity": found["parity"]})[0]:
+                    return
+
+        atomic_write(out_dir / EXPORT_FILES[fmt], quantize)
+        parity, path_name = found["parity"], EXPORT_FILES[fmt]
+        details["excluded_nodes"] = found["excluded_nodes"]
+    details["seconds"] = time.perf_counter() - start
+    return ExportResult(fmt, path_name or "", None, None, None, (), opset if fmt == "onnx-int8" else None,
+                        weights_sha256(run_dir, info), parity, parity_passes({"parity": parity})[0], details,
+                        file_sha256=sha256_file(out_dir / path_name) if path_name else "")
 
 
 def _onnxruntime_version() -> str:

@@ -28,24 +28,23 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from .atomic import atomic_write
 from .config import Config
 from .data import DataBundle
-from .datasets import DecodedImages
 from .extract import create_extractor, extract_features, resolve_engine
 from .model import AppleNet, create_backbone, create_model, resolve_device
-from .preprocessing import Preprocessing, create_eval_transform, resolve_preprocessing
-from .progress import Progress, write
+from .preprocessing import Preprocessing, resolve_preprocessing
+from .progress import write
 from .train import (Callback, TrainResult, create_loss, create_train_loader, fit, prepare_training_data, score_probs,
                     seed_everything)
-from .tta import apply_view, average_probs, views_for
+from .tta import average_probs, views_for
 
 FEATURE_FORMAT = 2  # bump when the way features are computed changes, so old caches are not reused
 

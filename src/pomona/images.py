@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from pathlib import Path
@@ -77,6 +78,44 @@ def _reduce(img: Image.Image, factor: int) -> Image.Image:
     return img.reduce(factor)
 
 
+@contextlib.contextmanager
+def _reading():
+    """Turn every way a file can fail to be an image into BadImageError (and keep PIL's bomb warning an error)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except BadImageError:
+        raise
+    except FileNotFoundError as e:
+        raise BadImageError("file not found") from e
+    except UnidentifiedImageError as e:
+        raise BadImageError("not an image") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(f"too many pixels: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:  # truncated data, broken headers
+        raise BadImageError(f"cannot decode: {e}") from e
+
+
+def _open(path: str | Path | bytes, max_pixels: int, max_aspect: float) -> Image.Image:
+    """The opened (not yet decoded) image, its size and shape checked from the header (`check_size`)."""
+    if isinstance(path, bytes):
+        if not path:
+            raise BadImageError("empty file (0 bytes)")
+        source = io.BytesIO(path)
+    else:
+        source = Path(path)
+        if source.stat().st_size == 0:
+            raise BadImageError("empty file (0 bytes)")
+    img = Image.open(source)
+    try:
+        check_size(img.size, max_pixels, max_aspect)
+    except BadImageError:
+        img.close()
+        raise
+    return img
+
+
 def load_image(path: str | Path | bytes, max_pixels: int = 64_000_000, target: int | None = None,
                max_aspect: float = MAX_ASPECT) -> Image.Image:
     """Open `path` (or the bytes of an upload) as an upright RGB image or raise BadImageError (empty, truncated,
@@ -88,32 +127,19 @@ def load_image(path: str | Path | bytes, max_pixels: int = 64_000_000, target: i
     (1/2, 1/4, 1/8 scale, `Image.draft`), other formats by `Image.reduce` right after decoding, before any
     colour conversion or rotation, so memory past the decode scales with the output. Without `target` the image
     is returned at full size."""
-    try:
-        if isinstance(path, bytes):
-            if not path:
-                raise BadImageError("empty file (0 bytes)")
-            source = io.BytesIO(path)
-        else:
-            source = Path(path)
-            if source.stat().st_size == 0:
-                raise BadImageError("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
-                check_size(img.size, max_pixels, max_aspect)
-                if reduction_factor(img.size, target) > 1 and img.format in ("JPEG", "MPO"):
-                    img.draft(None, (REDUCE_MARGIN * target, REDUCE_MARGIN * target))
-                img.load()
-                img = _reduce(img, reduction_factor(img.size, target))
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
-    except BadImageError:
-        raise
-    except FileNotFoundError as e:
-        raise BadImageError("file not found") from e
-    except UnidentifiedImageError as e:
-        raise BadImageError("not an image") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImageError(f"too many pixels: {e}") from e
-    except (OSError, SyntaxError, ValueError) as e:  # truncated data, broken headers
-        raise BadImageError(f"cannot decode: {e}") from e
+    with _reading(), _open(path, max_pixels, max_aspect) as img:
+        if reduction_factor(img.size, target) > 1 and img.format in ("JPEG", "MPO"):
+            img.draft(None, (REDUCE_MARGIN * target, REDUCE_MARGIN * target))
+        img.load()
+        img = _reduce(img, reduction_factor(img.size, target))
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+
+
+def image_size(path: str | Path, max_pixels: int = 64_000_000, max_aspect: float = MAX_ASPECT) -> tuple[int, int]:
+    """Width and height of the upright image (EXIF orientation applied), read from the header without decoding
+    the pixels; raises BadImageError as `load_image` would for what the header already shows."""
+    with _reading(), _open(path, max_pixels, max_aspect) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+        return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

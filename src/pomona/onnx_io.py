@@ -1,10 +1,12 @@
-"""ONNX in one place: exporting a PyTorch module (`export_onnx`) and opening an ONNX Runtime CPU session on the
-file (`onnx_session`). Used by `pomona export` / the inference engine and by the frozen-feature fast path."""
+"""ONNX in one place: exporting a PyTorch module (`export_onnx`), quantising the file to int8 (`quantize_onnx`)
+and opening an ONNX Runtime CPU session on it (`onnx_session`). Used by `pomona export` / the inference engine
+and by the frozen-feature fast path."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Iterable, Sequence
 
 
 def onnxruntime_available() -> bool:
@@ -15,11 +17,55 @@ def onnxruntime_available() -> bool:
     return True
 
 
+def static_same_padding(model, example):
+    """`model` itself, or a copy in which timm's `Conv2dSame` (TF "same" padding of the tf_ EfficientNets,
+    computed from the input size on every call: exported as Shape/Gather/Ceil/Pad nodes) pads by the fixed
+    amounts of `example`'s size, which ONNX Runtime folds into the convolution. The exported graph has a fixed
+    image size anyway."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        from timm.layers.conv2d_same import Conv2dSame
+        from timm.layers.padding import get_same_padding
+    except ImportError:
+        return model
+    sizes: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: sizes.__setitem__(name, args[0].shape[-2:]))
+             for name, m in model.named_modules() if isinstance(m, Conv2dSame)]
+    if not hooks:
+        return model
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    class FixedPadConv(torch.nn.Conv2d):
+        def forward(self, x):
+            return F.conv2d(F.pad(x, self.fixed_pad), self.weight, self.bias, self.stride, 0, self.dilation,
+                            self.groups)
+
+    fixed = copy.deepcopy(model)
+    for name, (ih, iw) in sizes.items():
+        conv = fixed.get_submodule(name)
+        ph = get_same_padding(ih, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
+        pw = get_same_padding(iw, conv.kernel_size[1], conv.stride[1], conv.dilation[1])
+        conv.__class__ = FixedPadConv
+        conv.fixed_pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+    return fixed
+
+
 def export_onnx(model, example, path: str | Path, opset: int = 17, metadata: dict[str, str] | None = None,
                 input_name: str = "input", output_name: str = "logits") -> Path:
-    """Trace `model` on `example` to ONNX with a dynamic batch axis; `metadata` goes into its metadata_props."""
+    """Trace `model` on `example` to ONNX with a dynamic batch axis (and the image size of `example`, with static
+    "same" padding: `static_same_padding`); `metadata` goes into its metadata_props."""
     import torch
 
+    model = static_same_padding(model, example)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation warnings about the TorchScript-based exporter
         torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=[input_name],
@@ -50,3 +96,49 @@ def onnx_session(path: str | Path, threads: int | None = None, spin: bool = Fals
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def sensitive_nodes(path: str | Path) -> list[str]:
+    """The nodes that quantisation hurts most in an EfficientNet: the first convolution (it sees raw normalised
+    pixels) and the classifier head (the Gemm/MatMul nodes after global pooling). Names, for `quantize_onnx`'s
+    `exclude`."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    convs = [n.name for n in graph.node if n.op_type == "Conv"]
+    head = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+    return convs[:1] + head
+
+
+def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Iterable, exclude: Sequence[str] = (),
+                  input_name: str = "input", method: str = "minmax") -> Path:
+    """Static int8 quantisation of an fp32 ONNX model for ONNX Runtime on x86 (VNNI/AMX): QDQ format, uint8
+    activations, int8 weights per output channel, activation ranges calibrated on `calibration` (float32 NCHW
+    batches, e.g. training photos preprocessed for the model), the nodes named in `exclude` left in float.
+    The model is pre-processed first (shape inference, graph optimisation), as ONNX Runtime recommends."""
+    import tempfile
+
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calibration)
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {input_name: batch}
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    with tempfile.TemporaryDirectory(prefix="pomona-quant-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=methods[method], nodes_to_exclude=list(exclude),
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    return Path(out_path)

@@ -38,12 +38,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from .atomic import write_csv, write_json
 from .balance import balance_training_fold, parse_mode
+from .batch_augment import BatchTransform, from_train_config
 from .checkpoint import (PROBE_WEIGHTS, TRAINING_STATE, check_new_run_folder, clear_run_folder,
                          load_resumable_state, load_weights, read_json_file, save_run, save_training_state,
                          save_weights)
 from .config import Config, TrainConfig
 from .data import DataBundle, load_split, prepare_data
-from .datasets import DecodedImages, ImageDataset
+from .datasets import DecodedImages, DeviceLoader, ImageDataset, ImageStore, RowDataset
 from .distributed import SINGLE, DistContext
 from .errors import PomonaError
 from .metrics import accuracy, macro_f1
@@ -51,6 +52,10 @@ from .model import AppleNet, create_model, resolve_device
 from .preprocessing import Preprocessing, create_eval_transform, create_train_transform, resolve_preprocessing
 from .progress import Progress, write
 from .tta import average_probs, views_for
+
+
+LOSS_EVERY = 25
+"""Steps between two reads of the running training loss (each read waits for the device)."""
 
 
 class Callback(Protocol):
@@ -87,10 +92,11 @@ def create_optimizer(model: AppleNet, cfg: TrainConfig) -> torch.optim.Optimizer
     groups = [{"params": list(model.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_mult},
               {"params": list(model.head.parameters()), "lr": cfg.lr}]
     name = cfg.optimizer.lower()
+    fused = {"fused": True} if next(model.parameters()).is_cuda and name in ("adamw", "adam") else {}
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     if name == "rmsprop":
         return torch.optim.RMSprop(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, alpha=0.9, eps=1e-3)
     if name == "sgd":
@@ -185,6 +191,40 @@ def create_loaders(bundle: DataBundle, images: DecodedImages, pre: Preprocessing
     return train_loader, DataLoader(val_set, batch_size=cfg.train.batch_size * 2, num_workers=cfg.data.num_workers)
 
 
+def use_device_augment(cfg: Config, device: torch.device) -> bool:
+    """Whether training decodes into an `ImageStore` and augments batches on the device (--device-augment)."""
+    return cfg.train.device_augment == "on" or (cfg.train.device_augment == "auto" and device.type == "cuda")
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of --amp on `device` (None = full precision)."""
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def create_device_loaders(bundle: DataBundle, store: ImageStore, pre: Preprocessing, cfg: Config,
+                          device: torch.device, dist: DistContext = SINGLE) -> tuple[DeviceLoader, DeviceLoader]:
+    """The loaders of `create_loaders` for the device path: the same sampling (order, weighted sampler, ranks,
+    per-epoch seeding), but of store rows, turned into model inputs on `device` (`DeviceLoader`: the uint8
+    store, on the GPU when it fits, then `batch_augment` for training and the exact centre crop for validation)."""
+    train_frame, val_frame = bundle.subset("train"), bundle.subset("val")
+    train_targets = bundle.targets(train_frame)
+    transform = BatchTransform(pre, from_train_config(pre, cfg.train) if cfg.train.augment else None,
+                               cfg.model.channels_last)
+    val_rows = RowDataset(store.rows(val_frame["path"]), bundle.targets(val_frame))
+    if dist.enabled:
+        from torch.utils.data import Subset
+
+        val_rows = Subset(val_rows, list(range(dist.rank, len(val_rows), dist.world_size)))
+    train_loader = create_train_loader(RowDataset(store.rows(train_frame["path"]), train_targets), train_targets,
+                                       len(bundle.classes), cfg.train, cfg.seed, 0, dist)
+    images = store.to_device(device)
+    return (DeviceLoader(train_loader, images, store.sizes, transform.train, device, targets_on_device=True),
+            DeviceLoader(DataLoader(val_rows, batch_size=cfg.train.batch_size * 2), images, store.sizes,
+                         transform.eval, device))
+
+
 def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -200,33 +240,40 @@ def freeze_batch_norm(module: nn.Module) -> None:
 
 def train_one_epoch(model: AppleNet, loader: DataLoader, optimizer, scheduler, loss_fn: nn.Module,
                     device: torch.device, backbone_frozen: bool, channels_last: bool = True,
-                    desc: str = "train", ema=None, ddp: nn.Module | None = None, freeze_bn: bool = False) -> dict:
+                    desc: str = "train", ema=None, ddp: nn.Module | None = None, freeze_bn: bool = False,
+                    amp: torch.dtype | None = None, compiled: nn.Module | None = None) -> dict:
     """One pass over `loader`; a frozen backbone stays in eval mode (its batch-norm statistics are kept), and so
     do the batch-norm layers of a fine-tuned one with `freeze_bn`.
 
-    `ddp` is the DistributedDataParallel wrapper of `model` when training runs in several processes.
+    `ddp` is the DistributedDataParallel wrapper of `model` when training runs in several processes; `amp` the
+    autocast dtype of the forward pass and loss (None = full precision); `compiled` the torch.compile'd module
+    to call instead (of `model`, or of `ddp`). The loss is summed on the device and read every `LOSS_EVERY`
+    steps, so the host does not wait for the device after every step.
     """
-    forward = ddp or model
+    forward = compiled if compiled is not None else ddp if ddp is not None else model
     model.train()
     if backbone_frozen:
         model.backbone.eval()
     elif freeze_bn:
         freeze_batch_norm(model.backbone)
     model.set_backbone_trainable(not backbone_frozen)
-    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    total_loss, seen, start = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
     bar = Progress(loader, desc=desc, unit="batch", count=lambda batch: len(batch[1]), enabled=ddp is None)
-    for x, y in bar:
+    for step, (x, y) in enumerate(bar):
         x, y = _to_device(x, device, channels_last), y.to(device)
-        loss = loss_fn(forward(x), y)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = loss_fn(forward(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
-        total_loss += loss.item() * len(y)
+        total_loss += loss.detach().double() * len(y)
         seen += len(y)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+        if step % LOSS_EVERY == 0:
+            bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}")
+    total_loss = total_loss.item()
     seconds = time.perf_counter() - start
     return {"train_loss": total_loss / max(seen, 1), "train_seconds": seconds,
             "train_images_per_s": seen / max(seconds, 1e-9)}
@@ -234,12 +281,14 @@ def train_one_epoch(model: AppleNet, loader: DataLoader, optimizer, scheduler, l
 
 @torch.inference_mode()
 def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device, views=("identity",),
-                   channels_last: bool = True, desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
+                   channels_last: bool = True, desc: str = "predict", amp: torch.dtype | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities (averaged over the test-time `views`) and the loader's targets."""
     model.eval()
     probs, targets = [], []
     for x, y in Progress(loader, desc=desc, unit="batch", count=lambda batch: len(batch[1])):
-        p = average_probs(lambda v: model(v).float().softmax(-1), _to_device(x, device, channels_last), views)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            p = average_probs(lambda v: model(v).float().softmax(-1), _to_device(x, device, channels_last), views)
         probs.append(p.cpu().numpy())
         targets.append(np.asarray(y))
     if not probs:
@@ -248,10 +297,10 @@ def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device, v
 
 
 def validate(model: nn.Module, loader: DataLoader, device: torch.device, views=("identity",),
-             channels_last: bool = True, dist: DistContext = SINGLE) -> dict:
+             channels_last: bool = True, dist: DistContext = SINGLE, amp: torch.dtype | None = None) -> dict:
     """Validation loss, macro-F1 and accuracy of `model` on a labelled loader; with several processes each
     scores its shard and the predictions of all ranks are gathered before the metrics."""
-    probs, y = predict_loader(model, loader, device, views, channels_last, desc="validate")
+    probs, y = predict_loader(model, loader, device, views, channels_last, desc="validate", amp=amp)
     if dist.enabled:
         parts = [p for p in dist.all_gather((probs, y)) if len(p[1])]
         probs, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -319,7 +368,8 @@ def fit(model: AppleNet, loader: DataLoader, validate_fn: Callable[[nn.Module], 
         first_epoch = t.epochs if state["stopped"] else state["epoch"] + 1
         start_time -= history[-1]["elapsed_seconds"] if history else 0.0
     say = write if dist.is_main and not quiet else (lambda *_: None)
-    ddp, ddp_frozen = None, None
+    amp = autocast_dtype(t.amp, device)
+    ddp, ddp_frozen, compiled = None, None, None
     for epoch in range(first_epoch, t.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch + 7919 * dist.rank)
         loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
@@ -328,9 +378,12 @@ def fit(model: AppleNet, loader: DataLoader, validate_fn: Callable[[nn.Module], 
         frozen = cfg.model.freeze_backbone or epoch < t.frozen_epochs
         if dist.enabled and frozen != ddp_frozen:
             model.set_backbone_trainable(not frozen)
-            ddp, ddp_frozen = _wrap_ddp(model, device), frozen
+            ddp, ddp_frozen, compiled = _wrap_ddp(model, device), frozen, None
+        if t.compile and compiled is None:
+            compiled = torch.compile(ddp if ddp is not None else model)
         metrics = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, device, frozen, channels_last,
-                                  desc=f"epoch {epoch + 1}/{t.epochs}", ema=ema, ddp=ddp, freeze_bn=t.freeze_bn)
+                                  desc=f"epoch {epoch + 1}/{t.epochs}", ema=ema, ddp=ddp, freeze_bn=t.freeze_bn,
+                                  amp=amp, compiled=compiled)
         if dist.enabled:  # every rank's throughput adds up; the loss is averaged over ranks
             gathered = dist.all_gather((metrics["train_loss"], metrics["train_images_per_s"]))
             metrics["train_loss"] = float(np.mean([g[0] for g in gathered]))
@@ -382,7 +435,7 @@ def balance_bundle(bundle: DataBundle, cfg: Config, run_dir: Path) -> tuple[Data
         "images_per_s": result.images_per_s if result.seconds else None, "skipped_sources": result.skipped_sources}
 
 
-def check_images(bundle: DataBundle, images: DecodedImages, max_bad_fraction: float) -> DataBundle:
+def check_images(bundle: DataBundle, images: DecodedImages | ImageStore, max_bad_fraction: float) -> DataBundle:
     """Decode every image once; drop unreadable ones, or stop when too many are bad."""
     bad = images.scan(list(bundle.table["path"]), desc="decoding images")
     from .index import check_readable_classes  # a class with no readable training image is an error
@@ -397,12 +450,13 @@ def check_images(bundle: DataBundle, images: DecodedImages, max_bad_fraction: fl
 
 
 def prepare_training_data(cfg: Config, bundle: DataBundle, pre: Preprocessing, run_dir: Path, balance: bool = True,
-                          write_info: bool = True, dist: DistContext = SINGLE,
-                          ) -> tuple[DataBundle, DecodedImages, dict | None]:
+                          write_info: bool = True, dist: DistContext = SINGLE, store: bool = False,
+                          ) -> tuple[DataBundle, DecodedImages | ImageStore, dict | None]:
     """The training images of a split, as both paths use them: with `cfg.balance`, the generated images appended
     to the training fold (rank 0 generates them once, the other ranks find them in the cache); then every image
-    decoded once, the unreadable ones dropped. Returns the bundle, the decoded images and what balance.json holds
-    (None without balancing), which goes into `run_dir` when `write_info`."""
+    decoded once, the unreadable ones dropped. `store`: into an `ImageStore` (the device path) instead of the
+    decoded-image cache. Returns the bundle, the decoded images and what balance.json holds (None without
+    balancing), which goes into `run_dir` when `write_info`."""
     info = None
     if balance and parse_mode(cfg.balance.mode)[0] != "off":
         if dist.is_main:
@@ -410,9 +464,12 @@ def prepare_training_data(cfg: Config, bundle: DataBundle, pre: Preprocessing, r
         dist.barrier()
         if not dist.is_main:
             bundle, _ = balance_bundle(bundle, cfg, run_dir)
-    max_side = (cfg.data.cache_side or 2 * pre.resize_size) if cfg.train.augment else None
-    images = DecodedImages(pre, cfg.data.max_pixels, cfg.data.cache_max_mb << 20, cfg.data.cache_images, max_side,
-                           cfg.data.max_aspect)
+    if store:
+        images = ImageStore(pre, cfg.data.max_pixels, cfg.data.cache_max_mb << 20)
+    else:
+        max_side = (cfg.data.cache_side or 2 * pre.resize_size) if cfg.train.augment else None
+        images = DecodedImages(pre, cfg.data.max_pixels, cfg.data.cache_max_mb << 20, cfg.data.cache_images,
+                               max_side, cfg.data.max_aspect)
     bundle = check_images(bundle, images, cfg.data.max_bad_fraction)
     if info is not None and write_info:
         write_json(run_dir / "balance.json", info)
@@ -510,8 +567,9 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
     model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    device_augment = use_device_augment(cfg, device)
     bundle, images, balance_info = prepare_training_data(cfg, bundle, pre, run_dir, balance=not resume,
-                                                         write_info=False, dist=dist)
+                                                         write_info=False, dist=dist, store=device_augment)
     bad = dict(images.bad)
     if dist.is_main:  # everything checked: only now is the run folder touched
         if resume:
@@ -541,12 +599,16 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
         dist.barrier()  # rank 0 has written the probe's weights
     probe_state = load_weights(run_dir / PROBE_WEIGHTS) if wise else None
 
-    train_loader, val_loader = create_loaders(bundle, images, pre, cfg, dist)
+    if device_augment:
+        train_loader, val_loader = create_device_loaders(bundle, images, pre, cfg, device, dist)
+    else:
+        train_loader, val_loader = create_loaders(bundle, images, pre, cfg, dist)
     loss_fn = create_loss(t, bundle.targets(bundle.subset("train")), len(bundle.classes)).to(device)
     views, channels_last = views_for(t.tta), cfg.model.channels_last
+    amp = autocast_dtype(t.amp, device)
 
     def validate_model(m: nn.Module) -> dict:
-        return validate(m, val_loader, device, views, channels_last, dist)
+        return validate(m, val_loader, device, views, channels_last, dist, amp)
 
     def save_model(epoch: int, scored: nn.Module, metrics: dict) -> None:
         info = {**extra, "kept_epoch": epoch, "val_macro_f1": metrics["val_macro_f1"]}
