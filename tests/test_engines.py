@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import pomona.checkpoint as checkpoint
-from pomona.checkpoint import choose_engine, load_run, parity_passes
+from pomona.checkpoint import choose_engine, load_run, parity_passes, sha256_file
 from pomona.cli import run
 from pomona.engine import EngineError
 from pomona.export import export_run
@@ -85,6 +85,10 @@ def test_auto_uses_a_low_precision_engine_only_when_its_parity_passes(low_precis
         choose_engine(copy, "torch-bf16")
 
 
+def classes_of(run_dir):
+    return json.loads((run_dir / "run.json").read_text())["classes"]
+
+
 def test_stale_low_precision_exports_are_not_used(low_precision_run, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
@@ -94,7 +98,10 @@ def test_stale_low_precision_exports_are_not_used(low_precision_run, tmp_path, c
     assert choose_engine(copy) == "onnx-int8"
     state = load_file(str(copy / "model.safetensors"))
     state["head.1.bias"] = state["head.1.bias"] + 1  # trained further after the exports
-    save_file(state, str(copy / "model.safetensors"))
+    save_file(state, str(copy / "model.safetensors"), metadata={"pomona.classes": json.dumps(classes_of(copy))})
+    info = json.loads((copy / "run.json").read_text())  # as training further rewrites run.json
+    info["member_sha256"] = [sha256_file(copy / "model.safetensors")]
+    (copy / "run.json").write_text(json.dumps(info))
     assert choose_engine(copy) == "torch"
     with pytest.raises(EngineError, match="other weights"):
         choose_engine(copy, "onnx-int8")
