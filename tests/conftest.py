@@ -10,6 +10,8 @@ import pytest
 
 from pomona.config import Config
 
+pytest_plugins = ["ci_skips"]  # under CI=true a skipped real component fails the run (tests/ci_skips.py)
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GROCERY = SHARED / "grocery-apples"
 FRUITS360 = SHARED / "fruits360-apples"
@@ -147,3 +149,4 @@ def server(apple_run):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+

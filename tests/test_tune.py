@@ -182,6 +182,8 @@ def test_killed_tune_resumes_and_keeps_finished_trials(grocery_small, tmp_path):
     assert len(failed) <= 1 and len(study.trials) == 5 + len(failed)  # the killed trial, retried once
     assert not [t for t in study.trials if t.state in (optuna.trial.TrialState.RUNNING,
                                                       optuna.trial.TrialState.WAITING)]
+    settings = {tuple(sorted(t.params.items())) for t in ok}
+    assert len(settings) == 5, settings  # the rerun drew new settings, not the first run's again
 
 
 def test_a_worker_killed_right_after_claiming_a_trial_does_not_block_the_study(tmp_path):

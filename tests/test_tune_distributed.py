@@ -88,6 +88,8 @@ def test_three_workers_share_one_study_exactly(grocery_small, tmp_path, postgres
     assert all(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states)
     assert sorted(t.number for t in study.trials) == list(range(n))
     assert all(len(t.params) == 6 for t in study.trials)
+    settings = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(settings)) == n, settings  # every worker drew its own settings (distinct sampler seeds)
     # each trial ran in exactly one worker: the workers' trial folders partition the study
     ran = [sorted(int(p.name) for p in (tmp_path / f"w{i}" / "trials").iterdir())
            if (tmp_path / f"w{i}" / "trials").is_dir() else [] for i in range(3)]

@@ -58,6 +58,7 @@ def train(s: TrainCommand) -> int:
 
         check_new_run_folder(run_dir, s.overwrite)  # at once, before any photo is read
     cfg = s.config
+    _check_test_data(cfg)
     if s.folds:
         return _train_folds(s, run_dir)
     dist = init_distributed(os.environ, cfg.device)  # several processes when started by torchrun
@@ -76,9 +77,44 @@ def train(s: TrainCommand) -> int:
           f"{result.run_dir}")
     if result.bad_images:
         print(f"{len(result.bad_images)} unreadable image(s) skipped, listed in {result.run_dir}/bad_images.json")
-    _evaluate_and_report(result.run_dir, None, result.run_dir / "eval", EvaluateCommand(run=str(run_dir),
-                                                                                      device=cfg.device))
+    scoring = EvaluateCommand(run=str(run_dir), device=cfg.device)
+    _evaluate_and_report(result.run_dir, None, result.run_dir / "eval", scoring)
+    _score_test_set(result.run_dir, cfg, scoring)
     return 0
+
+
+def _check_test_data(cfg: Config) -> None:
+    """--test-data must hold new photos: none of --data or --val-data (checked before anything is trained)."""
+    if not cfg.data.test_data:
+        return
+    from .data import index_data
+    from .index import index_folder
+
+    seen = {str(Path(p).resolve()) for p in index_data(cfg.data)["path"]}
+    if cfg.data.val_data:
+        seen |= {str(Path(p).resolve()) for p in index_folder(cfg.data.val_data)["path"]}
+    overlap = [p for p in index_folder(cfg.data.test_data)["path"] if str(Path(p).resolve()) in seen]
+    if overlap:
+        raise UsageError(f"--test-data holds {len(overlap)} photo(s) of --data/--val-data, e.g. {overlap[0]}: a test "
+                         "set must be new photos")
+
+
+def _score_test_set(run_dir: Path, cfg: Config, scoring: EvaluateCommand) -> None:
+    """With --test-data or --test-fraction: score the finished run once on photos nothing selected on, into
+    RUN/test/ (its report.html stays on the validation or out-of-fold evaluation)."""
+    import pandas as pd
+
+    if cfg.data.test_data:
+        from .index import index_folder
+
+        table, where = index_folder(cfg.data.test_data, cfg.data.group_by), cfg.data.test_data
+    elif cfg.data.test_fraction and (run_dir / "split.csv").is_file():
+        split = pd.read_csv(run_dir / "split.csv", dtype=str, keep_default_na=False)
+        table, where = split[split["subset"] == "test"], f"the held-out {cfg.data.test_fraction:g} of --data"
+    else:
+        return
+    print(f"test set ({len(table)} photos from {where}; nothing was selected on them):")
+    _evaluate_and_report(run_dir, table, run_dir / "test", scoring, scored_on=f"test: {where}", report=False)
 
 
 def _self_train(cfg: Config, run_dir: Path, dist, overwrite: bool):
@@ -116,6 +152,9 @@ def _train_folds(s: TrainCommand, run_dir: Path) -> int:
         from .checkpoint import clear_run_folder
 
         clear_run_folder(run_dir)
+    if s.config.data.test_fraction:
+        raise UsageError("--test-fraction is for one model; a --folds run's out-of-fold scores are held out already "
+                         "(or give --test-data)")
     result = train_folds(s.config, run_dir, s.folds, s.repeats)
     cv = result.cv
     lo, hi = cv["oof_macro_f1_ci95"]
@@ -126,6 +165,7 @@ def _train_folds(s: TrainCommand, run_dir: Path) -> int:
           f"{cv['ece_after']:.3f}); {cv['seconds']:.0f} s")
     print(f"wrote {run_dir}/oof.csv, cv.json, eval/ and {build_report(run_dir, run_dir / 'eval')}; the run is the "
           f"ensemble of the {len(cv['per_fold'])} fold models")
+    _score_test_set(run_dir, s.config, EvaluateCommand(run=str(run_dir), device=s.config.device))
     return 0
 
 
@@ -155,26 +195,39 @@ def _train_base(s: TrainCommand) -> Config:
     return Config()
 
 
-def _evaluate_and_report(run_dir: Path, table, out: Path, s: EvaluateCommand) -> dict:
-    """Score the run's best model on `table` (default: its own validation split), write the evaluation files and
-    the run's report.html."""
+def _evaluate_and_report(run_dir: Path, table, out: Path, s: EvaluateCommand, scored_on: str | None = None,
+                         report: bool = True) -> dict:
+    """Score the run's model on `table` (default: its own validation split), write the evaluation files and
+    (with `report`) the run's report.html. metrics.json says what the photos were (`scored_on`) and whether any
+    choice of the run looked at them (`selected_on`: 'val' when the run kept its best epoch by these validation
+    photos, else null)."""
     from .checkpoint import load_run
     from .metrics import format_metrics, write_metrics
     from .predict import score_table
     from .report import build_report
 
     run = load_run(run_dir, s.device, s.engine, s.tta, s.threads, s.batch_size)
+    selected_on = None
     if table is None:
         from .data import load_split
 
         table = load_split(run_dir / "split.csv", run.classes).subset("val")
+        scored_on = scored_on or "the run's validation split"
+        selected_on = run.info.get("selected_on")
     metrics, frame = score_table(run, table)
+    metrics.update(scored_on=scored_on or "the photos given", selected_on=selected_on)
     write_metrics(metrics, out, frame)
     print(format_metrics(metrics))
+    if selected_on:
+        print("note: the kept epoch was chosen on these same photos (--keep best): this score is optimistic; "
+              "give --test-data or --test-fraction for one nothing selected on")
     if metrics["skipped_images"]:
         print(f"{len(metrics['skipped_images'])} unreadable image(s) skipped")
-    report = build_report(run_dir, out)
-    print(f"wrote {out}/metrics.json, confusion_matrix.png, predictions.csv and {report}")
+    if not report:
+        print(f"wrote {out}/metrics.json, confusion_matrix.png and predictions.csv")
+        return metrics
+    page = build_report(run_dir, out)
+    print(f"wrote {out}/metrics.json, confusion_matrix.png, predictions.csv and {page}")
     return metrics
 
 

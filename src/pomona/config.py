@@ -63,6 +63,13 @@ class DataConfig(InputConfig):
     holdout: Literal["random", "last"] = "random"
     """Which groups go to validation: 'random' (seeded draw per class) or 'last' (the groups that sort last,
     e.g. the last filming pass)."""
+    test_data: str | None = None
+    """A labelled folder (one sub-folder per class) that nothing selects on: after training, the kept model (or the
+    --folds ensemble) is scored there once, into RUN/test/ (`selected_on: null`)."""
+    test_fraction: float = 0.0
+    """Hold out this fraction of --data (stratified, whole groups) as a test set before the train/validation
+    split; nothing selects on it, and the kept model is scored there once after training (RUN/test/). Not with
+    --folds, whose out-of-fold scores are held out already."""
     unlabeled: str | None = None
     """Folder of unlabelled photos (sub-folders are searched too) for self-training: the trained model labels them,
     the confident ones join the training fold of a second model trained the same way (--pseudo-threshold). It

@@ -47,8 +47,17 @@ def index_data(cfg: DataConfig) -> pd.DataFrame:
 
 
 def prepare_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
-    """Index the training data and split it, or take `cfg.val_data` as the validation set."""
+    """Index the training data and split it, or take `cfg.val_data` as the validation set. With
+    `cfg.test_fraction`, a stratified, group-aware share of the data is first set aside as subset 'test', which
+    training and validation never see."""
     table = index_data(cfg)
+    test = table.iloc[:0]
+    if cfg.test_fraction:
+        if not 0.0 < cfg.test_fraction < 0.5:
+            raise DataLayoutError(f"--test-fraction must be in (0, 0.5), not {cfg.test_fraction}")
+        marked = split_train_val(table, cfg.test_fraction, seed + 7919, "random")
+        table, test = marked[marked["subset"] == "train"].drop(columns="subset"), marked[marked["subset"] == "val"]
+        test = test.assign(subset="test")
     if cfg.val_data:
         val = index_folder(cfg.val_data, cfg.group_by)
         overlap = set(Path(p).resolve() for p in table["path"]) & set(Path(p).resolve() for p in val["path"])
@@ -60,10 +69,11 @@ def prepare_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
         table = split_train_val(table, cfg.val_fraction, seed, cfg.holdout)
     if cfg.train_every_nth > 1:
         table = thin_training_frames(table, cfg.train_every_nth)
+    table = pd.concat([table, test], ignore_index=True)
     classes = sorted(table.loc[table["subset"] == "train", "label"].unique())
-    unknown = sorted(set(table.loc[table["subset"] == "val", "label"]) - set(classes))
+    unknown = sorted(set(table.loc[table["subset"].isin(["val", "test"]), "label"]) - set(classes))
     if unknown:
-        raise DataLayoutError(f"validation classes missing from training: {unknown}")
+        raise DataLayoutError(f"validation or test classes missing from training: {unknown}")
     if len(classes) < 2:
         raise DataLayoutError(f"need at least two classes to train, found {classes}")
     return DataBundle(table.reset_index(drop=True), classes)

@@ -88,15 +88,16 @@ def best_row(history: pd.DataFrame) -> int:
     return int(history.sort_values(["val_macro_f1", "val_loss"], ascending=[False, True], kind="stable").index[0])
 
 
-def plot_curves(history: pd.DataFrame) -> str:
-    """Loss and validation scores per epoch; the best epoch (by macro-F1) and the unfreeze epoch are marked."""
+def plot_curves(history: pd.DataFrame, kept: int | None = None) -> str:
+    """Loss and validation scores per epoch; the kept epoch (default: the best by macro-F1) and the unfreeze
+    epoch are marked."""
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
     x = history["epoch"] + 1
-    best = int(history["epoch"][best_row(history)]) + 1
+    best = (kept if kept is not None else int(history["epoch"][best_row(history)])) + 1
     unfrozen = unfreeze_epoch(history)
     for ax in (a, b):
-        ax.axvline(best, color="#c9a227", lw=1.5, label=f"best epoch ({best})")
+        ax.axvline(best, color="#c9a227", lw=1.5, label=f"kept epoch ({best})")
         if unfrozen is not None:
             ax.axvline(unfrozen + 1, color="#777", ls=":", lw=1.5, label=f"backbone unfrozen ({unfrozen + 1})")
     a.plot(x, history["train_loss"], "o-", label="train")
@@ -190,9 +191,17 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
     if (run_dir / "history.csv").is_file():
         history = pd.read_csv(run_dir / "history.csv")
         best, unfrozen = best_row(history), unfreeze_epoch(history)
-        section("curves", "Training curves", f'<img class="plot" alt="training curves" src="{plot_curves(history)}">'
-                f"<p>Best validation macro-F1 {history['val_macro_f1'][best]:.3f} at epoch "
-                f"{int(history['epoch'][best]) + 1} of {len(history)}"
+        info = _read_json(run_dir / "run.json") or {}
+        kept = info.get("kept_epoch")
+        kept_row = history.index[history["epoch"] == kept][0] if kept in set(history["epoch"]) else best
+        section("curves", "Training curves",
+                f'<img class="plot" alt="training curves" src="{plot_curves(history, int(history["epoch"][kept_row]))}">'
+                f"<p>Kept epoch {int(history['epoch'][kept_row]) + 1} of {len(history)}: validation macro-F1 "
+                f"{history['val_macro_f1'][kept_row]:.3f}"
+                + (" (chosen as the highest on these same photos: optimistic)" if info.get("selected_on") else
+                   " (the last epoch: no choice looked at the validation photos)")
+                + f"; the highest over epochs was {history['val_macro_f1'][best]:.3f} (a maximum over epochs on "
+                f"the same photos, not a score to quote)"
                 + (f"; backbone unfrozen from epoch {unfrozen + 1}" if unfrozen is not None else "")
                 + f"; {history['elapsed_seconds'].iloc[-1]:.0f} s in all.</p>")
 
@@ -233,7 +242,8 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
     tuning_plots = sorted((run_dir / "plots").glob("*.png"))
     best = _read_json(run_dir / "best.json")
     if tuning_plots or best:
-        head = (f"<p>Best trial {best['best_trial']}: validation macro-F1 {best['best_val_macro_f1']:.3f}; trials "
+        head = (f"<p>Best trial {best['best_trial']}: validation macro-F1 {best['best_val_macro_f1']:.3f} (the "
+                f"maximum over trials and epochs on the validation photos: selected on them, optimistic); trials "
                 + ", ".join(f"{n} {state}" for state, n in best["trials"].items() if n) + "</p>"
                 + _table([[k, v] for k, v in best["params"].items()], ["setting", "value"]) if best else "")
         section("tuning", "Hyperparameter search", head + "".join(
@@ -271,6 +281,10 @@ def _summary(run_dir: Path, config: dict, metrics: dict | None) -> str:
     body = "<p>" + " &middot; ".join(f"{html.escape(k)}: <b>{html.escape(str(v))}</b>" for k, v in facts) + "</p>"
     if metrics:
         lo, hi = metrics["macro_f1_ci95"]
+        if metrics.get("scored_on"):
+            chosen = ("the kept epoch was chosen on them: optimistic" if metrics.get("selected_on")
+                      else "nothing was selected on them")
+            body += f"<p>Scored on {html.escape(str(metrics['scored_on']))} ({chosen}).</p>"
         body += (f'<div class="kpi"><b>{metrics["macro_f1"]:.3f}</b>macro-F1 (95% CI {lo:.2f}-{hi:.2f})</div>'
                  f'<div class="kpi"><b>{metrics["accuracy"]:.3f}</b>accuracy</div>'
                  f'<div class="kpi"><b>{metrics["n"]}</b>images evaluated</div>')

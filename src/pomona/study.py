@@ -12,8 +12,11 @@ again continues the study, keeping every finished trial. What a trial does is th
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+import socket
 import threading
 import time
 import warnings
@@ -34,6 +37,15 @@ from .progress import write
 STUDY_ATTR = "pomona"  # study user attribute: {"trials": N, "config": base config, "space": {...}}
 # Heartbeats, their retry callback and the matplotlib plots are marked experimental by Optuna (stable since 2.x).
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def worker_seed(seed: int, finished: int) -> int:
+    """The sampler seed of a worker that joins an existing study (another worker, or a rerun after a kill): mixed
+    from `seed`, this host, this process and the number of trials already `finished`, so that no two workers or
+    restarts draw the same settings. The worker that creates the study uses `seed` itself (a one-worker study is
+    reproducible)."""
+    text = f"{seed}:{socket.gethostname()}:{os.getpid()}:{finished}:{time.time_ns()}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
 def create_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -84,6 +96,9 @@ def open_study(storage: optuna.storages.RDBStorage, tcfg: TuneConfig, cfg: Confi
                                     pruner=pruner)
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=tcfg.study, storage=storage, sampler=sampler, pruner=pruner)
+        finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                 TrialState.FAIL)))
+        study.sampler = create_sampler(tcfg.sampler, worker_seed(cfg.seed, finished))
         deadline = time.monotonic() + wait_seconds
         while STUDY_ATTR not in study.user_attrs:
             if time.monotonic() > deadline:
