@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import pandas as pd
 
 from pomona.cli import run
 from pomona.config import load_search_space
@@ -205,3 +206,16 @@ def test_a_worker_killed_right_after_claiming_a_trial_does_not_block_the_study(t
     assert not worker.is_alive(), "the worker waits for a trial nobody runs"
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 2 and states.count(optuna.trial.TrialState.FAIL) == 1
+
+
+def test_tune_rescores_the_best_trial_on_test_photos_no_trial_saw(grocery_small, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert run(["tune", "--data", str(grocery_small), "--out", str(out), "--trials", "2", "--epochs", "1",
+                "--tracker", "none", "--test-fraction", "0.3", *TINY]) == 0
+    best = json.loads((out / "best.json").read_text())
+    retrained = out / "best-retrained"
+    held = json.loads((retrained / "test" / "metrics.json").read_text())
+    split = pd.read_csv(retrained / "split.csv")
+    assert held["selected_on"] is None and held["n"] == int((split["subset"] == "test").sum()) >= 3
+    assert best["held_out_macro_f1"] == pytest.approx(held["macro_f1"])
+    assert "selected on validation" in capsys.readouterr().out
