@@ -56,7 +56,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     metrics, _ = score_table(load_run(out / "pomona", device=cfg.device), val)
     epochs = [h for h in result.history if not h["backbone_frozen"]] or result.history
-    rows.append({"recipe": "pomona configs/fruits360.json", "macro_f1": metrics["macro_f1"],
+    rows.append({"recipe": "pomona default + configs/fruits360.json", "macro_f1": metrics["macro_f1"],
                  "ci95": f"{metrics['macro_f1_ci95'][0]:.2f}-{metrics['macro_f1_ci95'][1]:.2f}",
                  "accuracy": metrics["accuracy"], "seconds": seconds,
                  "s_per_epoch": sum(h["train_seconds"] for h in epochs) / len(epochs),
