@@ -51,8 +51,15 @@ def speed(out: Path) -> str:
         shutil.rmtree(out / fmt, ignore_errors=True)
         r = balance_table(table, cfg, 0, out / fmt)
         rows.append(f"| {fmt} | {len(r.manifest)} | {r.seconds:.1f} | {r.images_per_s:.0f} |")
-    text = ("Augmentor balancing speed: 2,000 images generated from the 45 Golden-Delicious photos (348x348 px), "
-            "default operations, one process on the 2-core machine.\n\n| format | images | seconds | images/s |\n"
+    from PIL import Image
+
+    sources = table[table["label"] == "Golden-Delicious"]["path"]
+    sizes = sorted({Image.open(p).size for p in sources})
+    shown = ", ".join(f"{w}x{h}" for w, h in sizes[:3]) + (" ..." if len(sizes) > 3 else "")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    text = (f"Augmentor balancing speed: 2,000 images generated from the {len(sources)} Golden-Delicious photos "
+            f"({shown} px), default operations, one process on this {os.cpu_count()}-core machine (load average "
+            f"{load} when it finished).\n\n| format | images | seconds | images/s |\n"
             "|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(text)
     return text

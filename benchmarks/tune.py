@@ -12,7 +12,8 @@ plus weight decay and label smoothing here) over a frozen ImageNet Lite0 backbon
 - pomona full path: the same with pomona's default on-the-fly augmentation (what the fast path gives up).
 
 All studies use the same sampler seed, so their first trials draw the same settings; `best_f1_first_n` compares
-the best macro-F1 over those shared first trials. trials/hour = 3600 / median seconds per trial; the one-time
+the best macro-F1 over those shared first trials. trials/hour = 3600 / median seconds of a **complete** trial
+(pruned trials stop early and would flatter the path that prunes more; they are counted, not timed); the one-time
 set-up (decoding, feature extraction) is listed separately and included in `trials_per_hour_50` (a 50-trial study).
 """
 
@@ -43,10 +44,13 @@ def run_study(name: str, cfg: Config, trials: int, fast_path: str, out: Path, fi
     wall = time.perf_counter() - start
     finished = [t for t in study.trials if t.datetime_complete is not None]
     seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in finished]
-    per_trial = statistics.median(seconds)
+    complete = [(t.datetime_complete - t.datetime_start).total_seconds() for t in finished
+                if t.state.name == "COMPLETE"]
+    per_trial = statistics.median(complete or seconds)
     setup = wall - sum(seconds)
     first = [t.value for t in finished if t.number < first_n and t.value is not None]
     return {"way": name, "trials": len(finished), "pruned": sum(t.state.name == "PRUNED" for t in finished),
+            "timed_complete": len(complete),
             "s_per_trial": per_trial, "setup_s": setup, "trials_per_hour": 3600 / per_trial,
             "trials_per_hour_50": 50 / ((setup + 50 * per_trial) / 3600), "best_f1": best.get("best_val_macro_f1"),
             "best_f1_first_n": max(first) if first else None, "wall_s": wall}
@@ -76,9 +80,12 @@ def main() -> None:
     for r in rows:
         r["speedup"] = r["trials_per_hour"] / ref["trials_per_hour"]
         r["speedup_50"] = r["trials_per_hour_50"] / ref["trials_per_hour_50"]
-    print(f"\ngrocery-apples, frozen tf_efficientnet_lite0 @256 px, 4 epochs per trial, "
+    from pomona.preprocessing import resolve_preprocessing
+
+    size = resolve_preprocessing(base.model.name, base.model.img_size).input_size
+    print(f"\ngrocery-apples, frozen {base.model.name} @{size} px, {base.train.epochs} epochs per trial, "
           f"best F1 over the first {first_n} (shared) trials in best_f1_first_n")
-    text = print_table(rows, ["way", "trials", "pruned", "s_per_trial", "setup_s", "trials_per_hour",
+    text = print_table(rows, ["way", "trials", "pruned", "timed_complete", "s_per_trial", "setup_s", "trials_per_hour",
                               "trials_per_hour_50", "speedup", "speedup_50", "best_f1", "best_f1_first_n"])
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
