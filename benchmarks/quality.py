@@ -59,7 +59,24 @@ RECIPES = {
     "default + multi-view TTA": {"train": {"tta": ["identity", "hflip", "vflip", "rot90", "rot270"]}},
     "default 320 px": {"model": {"img_size": 320}},
     "frozen (configs/frozen.json)": "configs/frozen.json",
+    "default + self-training (fruits360 pool)": {"data": {"unlabeled": "@fruits360-pool"}},
 }
+"""`@fruits360-pool`: unlabelled fruits360 frames of the four varieties, every 10th frame from the 6th on, so none
+is a transfer frame; they show the same 6 apples as the transfer set, so a transfer gain there is what unlabelled
+photos of the target source give (the competition case: the test photos come unlabelled), not a gain on new
+apples. No grocery photo is in the pool: the scored folds' photos never are."""
+
+
+def fruits360_pool(out: Path, every: int = 10, offset: int = 5) -> Path:
+    """A folder of symlinks to the unlabelled pool frames (flat, no labels)."""
+    pool = out / "fruits360-pool"
+    pool.mkdir(parents=True, exist_ok=True)
+    for folder in FRUITS360_4:
+        for p in sorted((SHARED / "fruits360-apples" / "all" / folder).glob("*.jpg"))[offset::every]:
+            link = pool / f"{folder.replace(' ', '_')}_{p.name}"
+            if not link.exists():
+                link.symlink_to(p)
+    return pool
 
 
 def fruits360_four(every: int = 10) -> pd.DataFrame:
@@ -109,6 +126,8 @@ def main() -> None:
             continue
         spec = RECIPES[name]
         cfg = merge(base, load_overrides(ROOT / spec) if isinstance(spec, str) else spec)
+        if cfg.data.unlabeled == "@fruits360-pool":
+            cfg.data.unlabeled = str(fruits360_pool(out))
         if args.epochs:
             cfg.train.epochs = args.epochs
         run_dir = out / name.replace(" ", "_").replace("(", "").replace(")", "").replace("/", "-")
