@@ -131,7 +131,7 @@ def server(apple_run):
                              "--max-pixels", str(SERVER_LIMITS["max_pixels"])],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=repo)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+    deadline = time.time() + 180  # a loaded 2-core machine can take a while to import torch
     while True:
         try:
             if requests.get(url + "/health", timeout=2).ok:
