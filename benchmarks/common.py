@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from sklearn.metrics import f1_score
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
@@ -101,5 +102,7 @@ def frozen_features_cv(table: pd.DataFrame, fold: np.ndarray, transfer: pd.DataF
     yt, pt = [classes.index(c) for c in transfer["label"]], [classes.index(c) for c in pred]
     lo, hi = bootstrap_ci(np.array(y), np.array(y_oof))
     tlo, thi = bootstrap_ci(np.array(yt), np.array(pt))
+    present = sorted(set(yt))
     return {"oof_f1": macro_f1(y, y_oof), "oof_ci": f"{lo:.2f}-{hi:.2f}", "transfer_f1": macro_f1(yt, pt),
-            "transfer_ci": f"{tlo:.2f}-{thi:.2f}"}
+            "transfer_ci": f"{tlo:.2f}-{thi:.2f}",
+            "transfer_f1_present": float(f1_score(yt, pt, labels=present, average="macro", zero_division=0))}
