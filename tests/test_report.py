@@ -99,6 +99,7 @@ def test_report_marks_epochs_shows_na_classes_and_tuning_plots(tmp_path):
     checker.feed(page)
     assert not checker.errors and {"summary", "curves", "per-class", "tuning"} <= checker.ids
     assert "tf_efficientnet_lite0" in page and "320 px" in page and "date" in page
-    assert "at epoch 3 of 4; backbone unfrozen from epoch 3" in page  # best: F1 0.8 with the lower loss
+    assert "Kept epoch 3 of 4" in page and "backbone unfrozen from epoch 3" in page  # best: F1 0.8, lower loss
+    assert "chosen as the highest on these same photos: optimistic" in page  # an older run kept its best epoch
     assert "Warning: no validation photos of Braeburn" in page and "<td>n/a</td>" in page
     assert "optimization history" in page

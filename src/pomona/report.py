@@ -192,13 +192,14 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
         history = pd.read_csv(run_dir / "history.csv")
         best, unfrozen = best_row(history), unfreeze_epoch(history)
         info = _read_json(run_dir / "run.json") or {}
-        kept = info.get("kept_epoch")
+        kept = info.get("kept_epoch", info.get("best_epoch"))  # older runs kept their best epoch
         kept_row = history.index[history["epoch"] == kept][0] if kept in set(history["epoch"]) else best
+        selected = info.get("selected_on") or ("keep" not in info and "best_epoch" in info)
         section("curves", "Training curves",
                 f'<img class="plot" alt="training curves" src="{plot_curves(history, int(history["epoch"][kept_row]))}">'
                 f"<p>Kept epoch {int(history['epoch'][kept_row]) + 1} of {len(history)}: validation macro-F1 "
                 f"{history['val_macro_f1'][kept_row]:.3f}"
-                + (" (chosen as the highest on these same photos: optimistic)" if info.get("selected_on") else
+                + (" (chosen as the highest on these same photos: optimistic)" if selected else
                    " (the last epoch: no choice looked at the validation photos)")
                 + f"; the highest over epochs was {history['val_macro_f1'][best]:.3f} (a maximum over epochs on "
                 f"the same photos, not a score to quote)"
