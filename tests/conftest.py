@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import shutil
 from pathlib import Path
 
@@ -108,11 +109,10 @@ def held_out_photo(variety: str, index: int = 0) -> Path:
 SERVER_LIMITS = {"max_upload_mb": 0.5, "max_pixels": 10_000_000}
 
 
-@pytest.fixture(scope="session")
-def server(apple_run):
-    """`pomona serve` on the exported apple_run, started as a user would, on a free localhost port, with small
-    limits (0.5 MB uploads, 10 MP images) so the limit tests stay light. Yields the base URL."""
-    import os
+@contextmanager
+def serving(run_dir: Path, flags: list[str], log_path: Path, wait: float = 180):
+    """`pomona serve RUN_DIR FLAGS` started as a user would, on a free localhost port, its output in `log_path`;
+    yields (url, port, pid) once /health answers (a loaded 2-core machine can take a while to import torch)."""
     import socket
     import subprocess
     import sys
@@ -124,29 +124,37 @@ def server(apple_run):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(repo / "src"))
-    log = open(apple_run.parent / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pomona", "serve", str(apple_run), "--port", str(port),
-                             "--max-upload-mb", str(SERVER_LIMITS["max_upload_mb"]),
-                             "--max-pixels", str(SERVER_LIMITS["max_pixels"])],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=repo)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180  # a loaded 2-core machine can take a while to import torch
-    while True:
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pomona", "serve", str(run_dir), "--port", str(port), *flags],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=repo,
+                                env=dict(os.environ, PYTHONPATH=str(repo / "src")))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                if requests.get(url + "/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("pomona serve did not start:\n" + log_path.read_text())
+            time.sleep(0.3)
         try:
-            if requests.get(url + "/health", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("pomona serve did not start:\n" + (apple_run.parent / "server.log").read_text())
-        time.sleep(0.3)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+            yield url, port, proc.pid
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(apple_run):
+    """`pomona serve` on the exported apple_run, with small limits (0.5 MB uploads, 10 MP images) so the limit
+    tests stay light. Yields the base URL."""
+    flags = ["--max-upload-mb", str(SERVER_LIMITS["max_upload_mb"]), "--max-pixels", str(SERVER_LIMITS["max_pixels"])]
+    with serving(apple_run, flags, apple_run.parent / "server.log") as (url, _, _):
+        yield url
 

@@ -5,10 +5,7 @@ Every loop is bounded in count and time; all traffic goes to 127.0.0.1."""
 
 import asyncio
 import io
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -21,9 +18,8 @@ from PIL import Image
 
 from pomona.serve import RequestGate, ServerBusy, guarded_protocol
 
-from conftest import SERVE_CLASSES, held_out_photo
+from conftest import SERVE_CLASSES, held_out_photo, serving
 
-REPO = Path(__file__).resolve().parents[1]
 GUARD = {"max_concurrency": 8, "max_queue": 48, "queue_timeout": 30, "retry_after": 3, "header_timeout": 2,
          "body_timeout": 3}
 """Small limits, so that a burst of 200 overflows the queue and the timeouts pass quickly; pixels, aspect and
@@ -65,35 +61,9 @@ class Server:
 @pytest.fixture(scope="module")
 def guarded(apple_run):
     """`pomona serve` on the exported apple_run with the GUARD limits, started as a user would."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in GUARD.items()]
-    log_path = apple_run.parent / "guarded-server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pomona", "serve", str(apple_run), "--port", str(port), *flags],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(url + "/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("pomona serve did not start:\n" + log_path.read_text())
-            time.sleep(0.3)
-        try:
-            yield Server(url, port, proc.pid)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with serving(apple_run, flags, apple_run.parent / "guarded-server.log") as (url, port, pid):
+        yield Server(url, port, pid)
 
 
 def closed_within(sock: socket.socket, seconds: float) -> bool:
