@@ -102,15 +102,16 @@ def _check_test_data(cfg: Config) -> None:
 def _score_test_set(run_dir: Path, cfg: Config, scoring: EvaluateCommand) -> None:
     """With --test-data or --test-fraction: score the finished run once on photos nothing selected on, into
     RUN/test/ (its report.html stays on the validation or out-of-fold evaluation)."""
-    import pandas as pd
-
     if cfg.data.test_data:
         from .index import index_folder
 
         table, where = index_folder(cfg.data.test_data, cfg.data.group_by), cfg.data.test_data
     elif cfg.data.test_fraction and (run_dir / "split.csv").is_file():
-        split = pd.read_csv(run_dir / "split.csv", dtype=str, keep_default_na=False)
-        table, where = split[split["subset"] == "test"], f"the held-out {cfg.data.test_fraction:g} of --data"
+        from .checkpoint import read_run_info
+        from .data import load_split
+
+        table = load_split(run_dir / "split.csv", read_run_info(run_dir)["classes"]).subset("test")
+        where = f"the held-out {cfg.data.test_fraction:g} of --data"
     else:
         return
     print(f"test set ({len(table)} photos from {where}; nothing was selected on them):")
