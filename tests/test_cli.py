@@ -47,6 +47,8 @@ def _probe(*argv: str) -> dict:
 
 
 @pytest.mark.parametrize("argv, code", [(["--help"], 0), (["train", "--help"], 0), (["tune", "--help"], 0),
+                                        (["train", "--help-all"], 0), (["train", "--epoch", "1"], 2),
+                                        (["train", "--out", "x", "--batch-size", "0"], 2),
                                         (["data", "fetch", "--help"], 0), (["--version"], 0),
                                         (["train", "--optimizer", "adan"], 2), (["nosuch"], 2), (["predict"], 2),
                                         (["serve", "run", "--engine", "tensorrt"], 2)])
@@ -77,7 +79,7 @@ def test_every_subcommand_has_help_from_its_dataclass(capsys):
     parser = build_parser()
     for name, command in COMMANDS.items():
         with pytest.raises(SystemExit):
-            parser.parse_args([*name.split(), "--help"])
+            parser.parse_args([*name.split(), "--help-all" if command.brief_help else "--help"])
         out = " ".join(capsys.readouterr().out.split())
         docs = field_docs(command.settings)
         assert docs and all(doc[:30] in out for doc in docs.values()), name

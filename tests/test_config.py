@@ -3,7 +3,7 @@ import json
 import pytest
 
 from pomona.cli import build_parser, parse
-from pomona.config import Config, merge
+from pomona.config import Config, merge, range_problems
 
 
 def test_flags_override_config_file_overrides_defaults(tmp_path):
@@ -25,7 +25,7 @@ def test_unknown_settings_raise_and_config_round_trips(tmp_path):
 
 def test_help_comes_from_field_docstrings(capsys):
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["train", "--help"])
+        build_parser().parse_args(["train", "--help-all"])
     out = capsys.readouterr().out
     assert "Hidden width of the head" in out and "--freeze-backbone" in out and "--group-by" in out
 
@@ -36,4 +36,29 @@ def test_shipped_config_files_are_valid():
     files = sorted((Path(__file__).parents[1] / "configs").glob("*.json"))
     assert files
     for f in files:
-        merge(Config(), json.loads(f.read_text()))
+        assert not range_problems(merge(Config(), json.loads(f.read_text()))), f
+
+
+def test_tta_takes_a_list_of_views_or_a_boolean_in_flags_and_files(tmp_path, capsys):
+    def tta(*argv, config=None):
+        extra = ["--config", str(config)] if config else []
+        return parse(["train", "--out", "x", *extra, *argv]).settings.config.train.tta
+
+    assert tta("--tta", "identity,hflip,vflip") == ["identity", "hflip", "vflip"]
+    assert tta("--tta") is True and tta("--no-tta") is False and tta() is True
+    listed = tmp_path / "views.yaml"
+    listed.write_text("train:\n  tta: [identity, rot90]\n")
+    assert tta(config=listed) == ["identity", "rot90"] and tta("--no-tta", config=listed) is False
+    from pomona.tta import views_for
+
+    assert views_for(tta(config=listed)) == ("identity", "rot90")
+    for argv in (["--tta", "identity,flop"], ["--tta", ","]):  # refused while the command line is read
+        with pytest.raises(SystemExit) as e:
+            parse(["train", "--out", "x", *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "error: argument --tta: " in err and "identity, hflip, vflip" in err
+    listed.write_text("train:\n  tta: [identity, flop]\n")
+    with pytest.raises(SystemExit) as e:
+        parse(["train", "--out", "x", "--config", str(listed)])
+    assert e.value.code == 2 and "train.tta must be true or false or a list of identity, hflip" in \
+        capsys.readouterr().err

@@ -69,6 +69,7 @@ def test_cv_json_and_ensemble_is_the_mean_of_the_fold_models(folds_run):
     assert 0 <= cv["oof_macro_f1"] <= 1 and cv["oof_macro_f1_ci95"][0] <= cv["oof_macro_f1"] + 1e-9
     assert set(cv["per_class_f1"]) == set(CLASSES)
     assert cv["temperature"] > 0 and 0 <= cv["ece_after"] <= 1 and cv["selected_on"] is None
+    assert cv["ensemble_ece"] == "measured only on --test-data (RUN/test/metrics.json)"
     assert (run_dir / "eval" / "metrics.json").is_file() and (run_dir / "report.html").is_file()
 
     info = json.loads((run_dir / "run.json").read_text())
@@ -89,6 +90,44 @@ def test_pseudo_labels_are_listed(folds_run):
     pseudo = pd.read_csv(run_dir / "folds" / "0-0" / "pseudo_labels.csv")
     assert {"path", "label", "probability", "round"} <= set(pseudo.columns)
     assert set(pseudo["path"]) <= {str(p) for p in unlabeled.iterdir()}
+    teacher = run_dir / "folds" / "0-0" / "teacher"  # the fold's teacher stays beside its student
+    assert load_run(teacher, device="cpu", engine="torch").classes == CLASSES
+
+
+def test_evaluate_measures_the_ensembles_own_calibration(folds_run, tmp_path):
+    run_dir, _, _ = folds_run
+    photos = _link_subset(GROCERY / "val", tmp_path / "new", CLASSES, 2, start=3)  # not in the unlabelled pool
+    assert run(["evaluate", str(run_dir), "--data", str(photos), "--out", str(tmp_path / "scored"),
+                "--device", "cpu"]) == 0
+    metrics = json.loads((tmp_path / "scored" / "metrics.json").read_text())
+    info = json.loads((run_dir / "run.json").read_text())
+    assert metrics["n"] == 6 and 0 <= metrics["ece"] <= 1 and metrics["ece_bins"] == 15
+    assert f"temperature {info['temperature']:g}, 3 member(s)" in metrics["ece_of"]
+    frame = pd.read_csv(tmp_path / "scored" / "predictions.csv", keep_default_na=False)
+    assert metrics["ece"] == pytest.approx(expected_calibration_error(  # of the probabilities the ensemble gave
+        load_run(run_dir, device="cpu").predict(list(frame["path"])).probs,
+        np.array([CLASSES.index(c) for c in frame["true_label"]])))
+
+
+def test_cross_fitted_temperature_never_sees_the_photos_it_scores(monkeypatch):
+    import pomona.cv as cv
+
+    rng = np.random.default_rng(0)
+    n, folds, repeats = 30, 3, 2
+    photo = np.tile(np.arange(n), repeats)  # every photo has a row in each repeat
+    y = np.tile(rng.integers(0, 2, n), repeats)
+    top = 0.5 + 0.49 * (np.arange(n) + 1) / (n + 1)  # each photo its own probability: rows tell their photo
+    view_probs = np.stack([top, 1 - top], 1)[photo][None]
+    fold = np.concatenate([rng.permutation(np.arange(n) % folds) + folds * r for r in range(repeats)])
+    fitted, real = [], cv.fit_temperature
+    monkeypatch.setattr(cv, "fit_temperature", lambda p, labels: fitted.append(set(p[0, :, 0])) or real(p, labels))
+    result = cv.calibration(y, view_probs, fold, photo)
+    assert len(fitted) == folds * repeats + 1 and len(fitted[-1]) == n  # one fit per fold, then one on all rows
+    for k, rows in zip(np.unique(fold), fitted):
+        scored = set(view_probs[0, fold == k, 0])
+        assert rows and scored.isdisjoint(rows)  # not even another repeat's row of a photo this fold scores
+        assert len(rows) == n - len(scored)
+    assert 0 <= result["ece_after"] <= 1 and result["temperature"] > 0
 
 
 def test_folds_keep_whole_groups_together(grocery_small, tmp_path):

@@ -14,16 +14,23 @@ from pomona.cli import run
 from pomona.engine import EngineError
 from pomona.export import export_run
 
-from conftest import SERVE_CLASSES, held_out_photo
+from conftest import GROCERY, SERVE_CLASSES, _link_subset, held_out_photo
 
 
 @pytest.fixture(scope="module")
-def low_precision_run(apple_run, tmp_path_factory):
+def parity_photos(apple_run, tmp_path_factory):
+    """24 labelled shop photos apple_run never trained on (it trained on the first 8 of each class)."""
+    return _link_subset(GROCERY / "train", tmp_path_factory.mktemp("parity") / "photos", SERVE_CLASSES, 12, start=20)
+
+
+@pytest.fixture(scope="module")
+def low_precision_run(apple_run, parity_photos, tmp_path_factory):
     """A copy of the exported apple_run with both low-precision exports (the session's apple_run stays fp32)."""
     copy = tmp_path_factory.mktemp("low_precision") / "run"
     shutil.copytree(apple_run, copy)
-    assert run(["export", str(copy), "--format", "onnx-int8", "--calibration", "8"]) == 0
-    export_run(copy, "torch-bf16")
+    assert run(["export", str(copy), "--format", "onnx-int8", "--calibration", "8", "--parity-data",
+                str(parity_photos)]) == 0
+    export_run(copy, "torch-bf16", parity_data=parity_photos)
     return copy
 
 
@@ -31,14 +38,43 @@ def _photos() -> list:
     return [held_out_photo(c, i) for c in SERVE_CLASSES for i in range(3)]
 
 
-def test_int8_export_records_parity_and_predicts_like_fp32(low_precision_run):
+def _measured_parity(run_dir, engine: str, folder) -> dict:
+    """Parity computed here, independently of `pomona export`: the real fp32 model's probabilities and the
+    low-precision engine's, one view, on every photo of `folder`."""
+    from sklearn.metrics import f1_score
+
+    from pomona.index import index_folder
+
+    table = index_folder(folder)
+    fp32 = load_run(run_dir, engine="torch", tta=False).predict(list(table["path"])).probs
+    low = load_run(run_dir, engine=engine, tta=False).predict(list(table["path"])).probs
+    y = [SERVE_CLASSES.index(c) for c in table["label"]]
+    f1 = [f1_score(y, p.argmax(1), average="macro") for p in (fp32, low)]
+    return {"n": len(y), "top1_agreement": float(np.mean(fp32.argmax(1) == low.argmax(1))), "macro_f1_fp32": f1[0],
+            "macro_f1": f1[1], "max_prob_diff": float(np.abs(fp32 - low).max())}
+
+
+def _check_recorded_parity(entry: dict, measured: dict) -> None:
+    """The recorded parity is what fp32 and the engine really do, and `passed` is the gate applied to it."""
+    parity = entry["parity"]
+    assert parity["n"] == measured["n"] == 24 and "--parity-data" in parity["photos"]
+    assert measured["max_prob_diff"] > 0  # the candidate really is another computation than fp32
+    assert parity["max_prob_diff"] == pytest.approx(measured["max_prob_diff"], abs=1e-3)
+    assert parity["top1_agreement"] == pytest.approx(measured["top1_agreement"], abs=1e-9)
+    for key in ("macro_f1_fp32", "macro_f1"):
+        assert parity[key] == pytest.approx(measured[key], abs=1e-9)
+    gate = measured["top1_agreement"] >= checkpoint.PARITY_MIN_TOP1_AGREEMENT and \
+        abs(measured["macro_f1"] - measured["macro_f1_fp32"]) <= checkpoint.PARITY_MAX_MACRO_F1_DIFF
+    assert entry["passed"] is gate
+    assert "fewer than 200" in parity["warning"]  # 24 photos: measured, with a warning
+
+
+def test_int8_export_records_parity_and_predicts_like_fp32(low_precision_run, parity_photos):
     info = json.loads((low_precision_run / "export.json").read_text())
     entry = info["onnx-int8"]
     assert (low_precision_run / "model.int8.onnx").is_file() and entry["path"] == "model.int8.onnx"
-    parity = entry["parity"]
-    assert parity["n"] == 4 and "split.csv" in parity["photos"]  # the run's validation photos
-    assert {"top1_agreement", "macro_f1", "macro_f1_fp32", "macro_f1_diff", "max_prob_diff"} <= set(parity)
-    assert entry["passed"] == parity_passes(entry)[0] and entry["details"]["calibration_photos"] == 8
+    _check_recorded_parity(entry, _measured_parity(low_precision_run, "onnx-int8", parity_photos))
+    assert entry["details"]["calibration_photos"] == 8
     assert entry["source_sha256"] == info["onnx"]["source_sha256"]
     import onnx
 
@@ -51,10 +87,42 @@ def test_int8_export_records_parity_and_predicts_like_fp32(low_precision_run):
     assert np.abs(a.probs - b.probs).max() < 0.25  # 8 calibration photos, a 2-class head trained at lr 1e-2
 
 
-def test_bf16_export_records_parity(low_precision_run):
+def test_bf16_export_records_parity(low_precision_run, parity_photos, monkeypatch):
     entry = json.loads((low_precision_run / "export.json").read_text())["torch-bf16"]
-    assert entry["path"] == "" and entry["parity"]["n"] == 4 and "cpu_bf16_native" in entry["details"]
-    assert entry["passed"] == parity_passes(entry)[0]
+    assert entry["path"] == "" and "cpu_bf16_native" in entry["details"]
+    monkeypatch.setattr(checkpoint, "cpu_supports_bf16", lambda: True)  # bfloat16 autocast runs (emulated) anyway
+    _check_recorded_parity(entry, _measured_parity(low_precision_run, "torch-bf16", parity_photos))
+
+
+def test_parity_needs_enough_held_out_photos_and_never_training_ones(apple_run, parity_photos, tmp_path, capsys):
+    copy = shutil.copytree(apple_run, tmp_path / "run")
+    assert run(["export", str(copy), "--format", "torch-bf16"]) == 2  # its split holds 4 validation photos
+    err = capsys.readouterr().err
+    assert "at least 20 held-out photos" in err and "has 4" in err and "--parity-data" in err
+    trained = sorted((GROCERY / "train" / "Pink-Lady").iterdir())[0]  # one of apple_run's 16 training photos
+    for how in ("link", "copy"):
+        folder = shutil.copytree(parity_photos, tmp_path / f"with-{how}", symlinks=True)
+        if how == "link":
+            (folder / "Pink-Lady" / "again.jpg").symlink_to(trained)
+        else:
+            shutil.copyfile(trained, folder / "Pink-Lady" / "renamed-copy.jpg")
+        assert run(["export", str(copy), "--format", "torch-bf16", "--parity-data", str(folder)]) == 2
+        assert "holds 1 of the run's training photos" in capsys.readouterr().err
+    assert not (copy / "export.json").read_text().count("torch-bf16")  # nothing recorded by the refused exports
+    assert run(["export", str(copy), "--format", "torch-bf16", "--parity-data", str(parity_photos)]) == 0
+    captured = capsys.readouterr()
+    assert "warning: parity measured on only 24 held-out photos (fewer than 200)" in captured.err
+    assert "on 24 held-out photos" in captured.out
+    parity = json.loads((copy / "export.json").read_text())["torch-bf16"]["parity"]
+    assert parity["n"] == 24 and "fewer than 200" in parity["warning"]
+
+
+def test_the_gate_refuses_parity_on_too_few_photos():
+    good = {"n": 200, "top1_agreement": 1.0, "macro_f1_diff": 0.0}
+    assert parity_passes({"parity": good}) == (True, "")
+    passed, why = parity_passes({"parity": {**good, "n": 19}})
+    assert not passed and "only 19 photos" in why and "--parity-data" in why
+    assert parity_passes({"parity": {**good, "n": 20}})[0]
 
 
 def _set_parity(run_dir, fmt: str, **values) -> None:

@@ -17,8 +17,8 @@ LAYERS = [
     ["images", "index", "split", "data", "balance"],
     ["model", "preprocessing", "tta", "metrics", "batch_augment"],
     ["onnx_io", "engine", "checkpoint"],
-    ["datasets", "distributed", "extract", "train", "features", "selftrain", "cv"],
-    ["predict", "report", "explain", "export", "serve"],
+    ["datasets", "distributed", "extract", "plan", "train", "features", "selftrain", "cv"],
+    ["predict", "annotate", "report", "explain", "export", "serve"],
     ["study", "tune", "tracking", "ablate", "preview", "fetch"],
     ["cli", "__main__", "runtime", "__init__"],
 ]
@@ -59,7 +59,7 @@ def _modules_after(code: str) -> set[str]:
 
 def test_serving_never_loads_training():
     loaded = _modules_after("import pomona.serve, pomona.predict, pomona.export, pomona.engine, pomona.checkpoint, "
-                            "pomona.explain, pomona.report")
+                            "pomona.explain, pomona.report, pomona.annotate")
     training = {"pomona.train", "pomona.balance", "pomona.data", "pomona.tune", "pomona.study",
                 "pomona.distributed", "pomona.features", "optuna", "Augmentor"}
     assert not loaded & training, sorted(loaded & training)

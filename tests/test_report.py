@@ -103,3 +103,32 @@ def test_report_marks_epochs_shows_na_classes_and_tuning_plots(tmp_path):
     assert "chosen as the highest on these same photos: optimistic" in page  # an older run kept its best epoch
     assert "Warning: no validation photos of Braeburn" in page and "<td>n/a</td>" in page
     assert "optimization history" in page
+
+
+def _section(page: str, key: str) -> str:
+    start = page.index(f'<section id="{key}"')
+    return page[start:page.index("</section>", start)]
+
+
+def test_report_opens_on_the_results_and_collapses_the_settings_that_differ(trained_run):
+    import re
+
+    page = (trained_run / "report.html").read_text()
+    order = re.findall(r'<section id="([^"]+)"', page)
+    assert order[:4] == ["summary", "confusion", "per-class", "worst"]  # the results first ...
+    assert order.index("curves") < order.index("config") and order.index("data") < order.index("config")  # ... then how
+    config = _section(page, "config")
+    assert "<details>" in config and "<details open" not in config  # collapsed
+    assert "<td>model.name</td><td>test_efficientnet</td><td>tf_efficientnet_lite0</td>" in config  # a flag of TINY
+    assert "train.optimizer" not in config and "train.lr<" not in config  # at their defaults: not listed
+
+
+def test_evaluate_elsewhere_writes_its_own_report_and_leaves_the_runs_alone(trained_run, grocery_val_small, tmp_path):
+    report = trained_run / "report.html"
+    before = (report.read_bytes(), report.stat().st_mtime_ns)
+    out = tmp_path / "elsewhere"
+    assert run(["evaluate", str(trained_run), "--data", str(grocery_val_small), "--out", str(out),
+                "--device", "cpu"]) == 0
+    assert (report.read_bytes(), report.stat().st_mtime_ns) == before
+    own = (out / "report.html").read_text()
+    assert str(grocery_val_small) in own and "photos given" in _section(own, "summary")

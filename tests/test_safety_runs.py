@@ -25,7 +25,7 @@ from pomona.cli import COMMANDS, Command, run
 from pomona.config import Config, ReportCommand
 from pomona.train import train_and_evaluate
 
-from conftest import held_out_photo, tiny_config
+from conftest import GROCERY, held_out_photo, tiny_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TINY_FLAGS = ["--model", "test_efficientnet", "--weights", "none", "--img-size", "64", "--out-features", "16",
@@ -123,6 +123,26 @@ def test_an_existing_run_is_refused_and_overwrite_replaces_it_only_after_every_c
     assert Config.load(run_dir / "config.json").seed == 5
     assert not (run_dir / "export.json").exists() and (run_dir / "notes.txt").read_text() == "mine"
     assert (run_dir / "eval" / "metrics.json").is_file()  # the new run's evaluation, not the old folder's
+
+
+def test_overwrite_removes_all_the_old_run_wrote_and_a_self_trained_run_keeps_its_teacher(tiny_run, grocery_small,
+                                                                                          tmp_path):
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    (run_dir / "test").mkdir()  # the old run's test score
+    (run_dir / "test" / "metrics.json").write_text('{"macro_f1": 1.0}')
+    for part in ("teacher", "student-3"):  # the parts of an old self-trained run
+        (run_dir / part).mkdir()
+        (run_dir / part / "run.json").write_text("{}")
+    pool = tmp_path / "unlabelled"
+    pool.mkdir()
+    for f in sorted((GROCERY / "val" / "Granny-Smith").iterdir())[:2]:  # photos grocery_small does not hold
+        (pool / f.name).symlink_to(f)
+    assert run(["train", "--data", str(grocery_small), "--out", str(run_dir), "--overwrite", "--unlabeled",
+                str(pool), "--pseudo-threshold", "0", *TINY_FLAGS]) == 0
+    assert not (run_dir / "test").exists() and not (run_dir / "student-3").exists()
+    teacher = load_run(run_dir / "teacher", device="cpu", engine="torch")  # the new run's own teacher, kept
+    assert teacher.info["member_sha256"] and teacher.classes == load_run(run_dir, device="cpu").classes
+    assert len(pd.read_csv(run_dir / "pseudo_labels.csv")) == 2 and (run_dir / "eval" / "metrics.json").is_file()
 
 
 def test_resume_keeps_the_saved_settings_and_names_conflicting_flags(tiny_run, tmp_path, capsys):
@@ -324,7 +344,7 @@ def test_a_missing_extra_names_the_pip_command(tmp_path, module, argv, extra):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip() == (f"pomona {argv[0]}: error: pomona {argv[0]}{' --format onnx' * (module == 'onnx')} "
                                    f"needs the Python package {module}, which is not installed: "
-                                   f"pip install 'pomona[{extra}]'")
+                                   f"pip install 'pomona[{extra}]'  (from a clone: pip install -e '.[{extra}]')")
     assert not any(tmp_path.iterdir())
 
 

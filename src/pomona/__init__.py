@@ -4,7 +4,8 @@
     run = load_run("runs/g1")
     run.predict(["a.jpg"]).top_k(3)
 
-Importing the package is cheap: `load_run` (from `pomona.checkpoint`) loads PyTorch on first use.
+`import pomona` is cheap; `from pomona import load_run` (from `pomona.checkpoint`) imports PyTorch, which takes
+a few seconds (about 5 s on 2 busy cores).
 """
 
 __version__ = "0.1.0"

@@ -34,9 +34,11 @@ import pickle
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -70,14 +72,23 @@ its recorded parity passes (`parity_passes`), else the next; PyTorch fp32 when n
 PARITY_MIN_TOP1_AGREEMENT = 0.99
 """A low-precision engine's top-1 must agree with fp32 on at least this fraction of held-out photos ..."""
 PARITY_MAX_MACRO_F1_DIFF = 0.005
-"""... and its macro-F1 on them may differ from fp32's by at most this much."""
+"""... and its macro-F1 on them may differ from fp32's by at most this much ..."""
+PARITY_MIN_PHOTOS = 20
+"""... measured on at least this many held-out photos (never the run's training photos): with fewer, one photo
+moves the agreement by more than the gate's margin, and the export refuses to measure."""
+PARITY_PHOTOS = 200
+"""The held-out photos parity should be measured on: with fewer (but at least PARITY_MIN_PHOTOS) all are used, and
+the parity records and prints a warning."""
 CLASSES_METADATA = "pomona.classes"
 """Key of the class list in the safetensors metadata of weights files and in the ONNX metadata of exports."""
 RUN_FILES = ("config.json", "split.csv", "bad_images.json", "balance.json", "history.csv", RUN_INFO, WEIGHTS,
              TRAINING_STATE, ONNX_FILE, ONNX_INT8_FILE, TORCHSCRIPT_FILE, EXPORT_INFO, "report.html", "members", "eval", "folds",
-             "folds.csv", "oof.csv", "cv.json", "probe.safetensors",
-             "teacher", "student-1", "student-2", "pseudo_labels.csv")
-"""What a training run writes (and its evaluation, report and exports): what `--overwrite` removes."""
+             "folds.csv", "oof.csv", "cv.json", "probe.safetensors", "test", "val_probs.npy",
+             "teacher", "pseudo_labels.csv")
+"""What a training run writes (and its evaluation, test score, report and exports): what `--overwrite` removes."""
+RUN_FOLDER_PATTERN = re.compile(r"student-\d+")
+"""... and the folders of a self-trained run's intermediate students (student-1, student-2, ...: one per round)."""
+_KEPT_PARTS: ContextVar[frozenset] = ContextVar("pomona_kept_run_parts", default=frozenset())
 RUN_MARKERS = ("config.json", RUN_INFO, TRAINING_STATE, "split.csv")
 """Files that make a folder a pomona run folder."""
 
@@ -110,14 +121,30 @@ def check_new_run_folder(run_dir: str | Path, overwrite: bool = False) -> None:
                              "anyway with --overwrite (pomona's run files there are replaced, the others kept)")
 
 
+@contextmanager
+def keeping_run_parts(*paths: str | Path) -> Iterator[None]:
+    """Within the block `clear_run_folder` leaves `paths` alone: parts the run being trained has already written
+    into its own folder (a self-trained run's teacher/ and earlier students, while its last student is trained
+    into the folder itself and clears what an earlier run left there)."""
+    token = _KEPT_PARTS.set(_KEPT_PARTS.get() | {Path(p).resolve() for p in paths})
+    try:
+        yield
+    finally:
+        _KEPT_PARTS.reset(token)
+
+
 def clear_run_folder(run_dir: str | Path) -> None:
-    """Remove the files of an earlier run from `run_dir` (`RUN_FILES`; run.json first, so that a half-cleared
-    folder never claims to be a finished run); other files are kept."""
+    """Remove the files of an earlier run from `run_dir` (`RUN_FILES` and `RUN_FOLDER_PATTERN`; run.json first, so
+    that a half-cleared folder never claims to be a finished run); other files are kept, and so are the parts of
+    the run being trained (`keeping_run_parts`)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
-    for name in (RUN_INFO, *[n for n in RUN_FILES if n != RUN_INFO]):
+    students = sorted(p.name for p in run_dir.iterdir() if RUN_FOLDER_PATTERN.fullmatch(p.name))
+    for name in (RUN_INFO, *[n for n in RUN_FILES if n != RUN_INFO], *students):
         path = run_dir / name
+        if path.resolve() in _KEPT_PARTS.get():
+            continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
@@ -245,6 +272,8 @@ def read_run_info(run_dir: str | Path, check: bool = True) -> dict:
     """run.json of a finished run, checked for shape (unless `check` is off: what a report shows of it), with
     `members` and `temperature` filled in for older run folders."""
     path = Path(run_dir) / RUN_INFO
+    if not Path(run_dir).exists():
+        raise RunFolderError(f"run folder not found: {run_dir}")
     if not path.is_file():
         raise RunFolderError(f"{run_dir} is not a finished pomona run (no {RUN_INFO})")
     info = read_json_file(path, " (retrain, or restore it from a copy)")
@@ -395,10 +424,14 @@ def find_current_export(run_dir: str | Path, fmt: str = "onnx") -> tuple[Path | 
 
 def parity_passes(entry: dict) -> tuple[bool, str]:
     """Whether a low-precision export's recorded parity with fp32 (export.json) passes the gate: top-1 agreement
-    >= PARITY_MIN_TOP1_AGREEMENT and |macro-F1 difference| <= PARITY_MAX_MACRO_F1_DIFF on held-out photos."""
+    >= PARITY_MIN_TOP1_AGREEMENT and |macro-F1 difference| <= PARITY_MAX_MACRO_F1_DIFF on at least
+    PARITY_MIN_PHOTOS held-out photos."""
     parity = entry.get("parity") or {}
     if not parity.get("n"):
         return False, "no parity measured on held-out photos"
+    if parity["n"] < PARITY_MIN_PHOTOS:
+        return False, (f"parity with fp32 was measured on only {parity['n']} photos (at least {PARITY_MIN_PHOTOS} "
+                       "needed): export again with --parity-data FOLDER")
     agree, diff = parity["top1_agreement"], abs(parity["macro_f1_diff"])
     if agree < PARITY_MIN_TOP1_AGREEMENT or diff > PARITY_MAX_MACRO_F1_DIFF:
         return False, (f"parity with fp32 fails: top-1 agreement {agree:.3f} (>= {PARITY_MIN_TOP1_AGREEMENT}), "

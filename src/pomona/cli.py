@@ -16,19 +16,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import functools
 import os
+import re
 import sys
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from . import __version__
 from .errors import PomonaError, explain_error, require
 from .config import (AblateCommand, BalanceCommand, Config, EvaluateCommand, ExplainCommand, ExportCommand,
                      FetchCommand, InputConfig, PredictCommand, PreviewCommand, ReportCommand, ServeCommand,
-                     TrainCommand, TuneCommand, choices, field_docs, load_overrides, merge, set_field)
+                     TrainCommand, TuneCommand, choices, field_docs, load_overrides, merge, out_of_range,
+                     range_problems, set_field)
 
 
 class UsageError(PomonaError):
@@ -185,9 +189,13 @@ def config_differences(saved: Config, given: Config) -> list[str]:
 def _train_base(s: TrainCommand) -> Config:
     """What train's flags apply to: the run's own config (--resume), the best trial's (--from-study), defaults."""
     if s.resume:
+        _run_folder(s.resume)
         return Config.load(Path(s.resume) / "config.json")
     if s.from_study:
         from .study import best_config
+
+        if not Path(s.from_study).exists():
+            raise UsageError(f"tuning folder not found: {s.from_study}")
 
         base, best = best_config(s.from_study)
         print(f"retraining trial {best['trial']} of {s.from_study} (macro-F1 {best['val_macro_f1']:.3f}): "
@@ -199,7 +207,8 @@ def _train_base(s: TrainCommand) -> Config:
 def _evaluate_and_report(run_dir: Path, table, out: Path, s: EvaluateCommand, scored_on: str | None = None,
                          report: bool = True) -> dict:
     """Score the run's model on `table` (default: its own validation split), write the evaluation files and
-    (with `report`) the run's report.html. metrics.json says what the photos were (`scored_on`) and whether any
+    (with `report`) a report.html: the run's own (RUN/report.html) when `out` is RUN/eval, else OUT/report.html,
+    leaving the run's report alone. metrics.json says what the photos were (`scored_on`) and whether any
     choice of the run looked at them (`selected_on`: 'val' when the run kept its best epoch by these validation
     photos, else null)."""
     from .checkpoint import load_run
@@ -227,7 +236,10 @@ def _evaluate_and_report(run_dir: Path, table, out: Path, s: EvaluateCommand, sc
     if not report:
         print(f"wrote {out}/metrics.json, confusion_matrix.png and predictions.csv")
         return metrics
-    page = build_report(run_dir, out)
+    own = Path(out).resolve() == (run_dir / "eval").resolve()
+    source = s.data_dir or s.csv
+    page = build_report(run_dir, out, None if own or not source else f"pomona run {run_dir.name} on {source}",
+                        out=None if own else Path(out) / "report.html")
     print(f"wrote {out}/metrics.json, confusion_matrix.png, predictions.csv and {page}")
     return metrics
 
@@ -310,10 +322,17 @@ def evaluate(s: EvaluateCommand) -> int:
     return 0
 
 
+def _run_folder(path: str) -> Path:
+    """RUN of a command line, which must exist (a folder that holds no run is for `checkpoint` to say)."""
+    if not Path(path).exists():
+        raise UsageError(f"run folder not found: {path}")
+    return Path(path)
+
+
 def report(s: ReportCommand) -> int:
     from .report import build_report
 
-    print(build_report(s.run, s.eval_dir))
+    print(build_report(_run_folder(s.run), s.eval_dir))
     return 0
 
 
@@ -333,6 +352,10 @@ def predict(s: PredictCommand) -> int:
             raise UsageError("give photos (or quoted patterns such as \"photos/*.jpg\"), --data FOLDER, or --csv "
                              "with --images")
     preds = load_run(s.run, s.device, s.engine, s.tta, s.threads, s.batch_size).predict(paths)
+    if preds.bad and all(p in preds.bad for p in preds.paths):  # nothing usable to print or write
+        path, why = next(iter(preds.bad.items()))
+        raise UsageError(f"none of the {len(preds.paths)} file(s) could be read as a photo, nothing was predicted "
+                         f"(e.g. {path}: {why})")
     if s.csv:
         out = write_submission(df[s.id_column], preds.labels, s.out, s.id_column, s.label_column,
                                s.sample_submission)
@@ -342,6 +365,11 @@ def predict(s: PredictCommand) -> int:
         print(f"wrote {len(paths)} predictions to {written}")
     else:
         print(format_predictions(preds, s.format, s.top_k, s.min_confidence))
+    if s.save_dir:
+        from .annotate import save_annotated
+
+        drawn = save_annotated(preds, s.save_dir, s.top_k, s.min_confidence)
+        print(f"wrote {len(drawn)} annotated photos to {s.save_dir}", file=sys.stdout if s.out else sys.stderr)
     if preds.bad:
         print(f"{len(preds.bad)} unreadable image(s) got no prediction:", file=sys.stderr)
         for p, why in list(preds.bad.items())[:10]:
@@ -354,6 +382,8 @@ def export(s: ExportCommand) -> int:
         require("pomona export --format onnx", "onnx", "onnxruntime")
     from .export import export_run
 
+    _run_folder(s.run)  # before export_run creates the output folder
+
     result = export_run(s.run, s.format, s.out, s.opset, s.tolerance, calibration=s.calibration,
                         parity_data=s.parity_data)
     out = Path(s.out) if s.out else Path(s.run)
@@ -363,6 +393,8 @@ def export(s: ExportCommand) -> int:
               f"{result.argmax_agree}); classes and preprocessing in {out / 'export.json'}")
         return 0
     p = result.parity
+    if p.get("warning"):
+        print(f"warning: {p['warning']}", file=sys.stderr)
     what = f"wrote {out / result.path}" if result.path else f"{result.format} (PyTorch, no file)"
     print(f"{what}: parity with fp32 on {p['n']} held-out photos ({p['photos']}): top-1 agreement "
           f"{p['top1_agreement']:.1%}, macro-F1 {p['macro_f1']:.4f} vs {p['macro_f1_fp32']:.4f} "
@@ -455,17 +487,19 @@ def data_fetch(s: FetchCommand) -> int:
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its function, the dataclass of its settings, and (for commands with a run `Config`) the
-    config that a config file and the flags apply to."""
+    """A subcommand: its function, the dataclass of its settings, (for commands with a run `Config`) the
+    config that a config file and the flags apply to, and whether its --help lists only the basic settings (fields
+    with `metadata={"basic": True}` of its own dataclass and of the run's Config; --help-all lists them all)."""
 
     function: Callable[[Any], int]
     settings: type
     base: Callable[[Any], Config] | None = None
+    brief_help: bool = False
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command(train, TrainCommand, _train_base),
-    "tune": Command(tune, TuneCommand, _tune_base),
+    "train": Command(train, TrainCommand, _train_base, brief_help=True),
+    "tune": Command(tune, TuneCommand, _tune_base, brief_help=True),
     "evaluate": Command(evaluate, EvaluateCommand),
     "predict": Command(predict, PredictCommand),
     "report": Command(report, ReportCommand),
@@ -496,6 +530,26 @@ def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _bool_or_list(hint: Any) -> tuple[str, ...]:
+    """The choices of a `bool | list[Literal[...]]` setting (train.tta), else ()."""
+    args = typing.get_args(hint)
+    lists = [a for a in args if typing.get_origin(a) is list and typing.get_args(a)]
+    return tuple(choices(typing.get_args(lists[0])[0]) or ()) if bool in args and lists else ()
+
+
+def _choice_list(items: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """A comma-separated list of `items`; anything else is a usage error naming them."""
+    def parse(text: str) -> list[str]:
+        values = _comma_list(text)
+        unknown = [v for v in values if v not in items]
+        if unknown or not values:
+            what = f"unknown {', '.join(map(repr, unknown))}" if unknown else "an empty list"
+            raise argparse.ArgumentTypeError(f"{what}: give a comma-separated list of {', '.join(items)}")
+        return values
+
+    return parse
+
+
 def _help(doc: str, f: dataclasses.Field) -> str:
     """The field's docstring and its default, unless the docstring says it or there is none to say."""
     if f.default is not dataclasses.MISSING:
@@ -509,13 +563,34 @@ def _help(doc: str, f: dataclasses.Field) -> str:
     return shown.replace("%", "%%")
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", skip=()) -> None:
-    """One flag per field of `cls` (dest `prefix + name`), a group per nested dataclass (dest `prefix.name.`);
-    flags given on the command line are the only ones present in the parsed namespace."""
-    docs, hints = field_docs(cls), typing.get_type_hints(cls)
-    group = parser.add_argument_group(prefix.rstrip(".").split(".")[-1], (cls.__doc__ or "").strip().split("\n\n")[0]
-                                      ) if prefix else parser
-    nested = []
+_field_docs = functools.cache(field_docs)  # reading the source is most of building the parser
+
+SECTION_TITLES = {"train": "training"}
+"""Titles of --help sections that differ from the name of their settings section."""
+
+
+def _section(parser: argparse.ArgumentParser, name: str, cls: type | None = None):
+    """The --help group of the settings section `name` (created on first use, described by its dataclass)."""
+    groups = parser.__dict__.setdefault("pomona_groups", {})
+    if name not in groups:
+        groups[name] = parser.add_argument_group(SECTION_TITLES.get(name, name),
+                                                 (cls.__doc__ or "").strip().split("\n\n")[0] if cls else None)
+    return groups[name]
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", skip=(), brief: bool = False,
+                        in_config: bool = False) -> None:
+    """One flag per field of `cls` (dest `prefix + name`), a group per nested dataclass (dest `prefix.name.`), or
+    the group a field's `group` metadata names; flags given on the command line are the only ones present in the
+    parsed namespace. With `brief` (a command's --help), fields of `cls` itself (prefix '') and of the run's
+    Config (`in_config`) that are not marked basic are accepted but not listed."""
+    docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):  # the sections' groups first, so that --help lists them in field order
+        if dataclasses.is_dataclass(hints[f.name]) and f.name not in skip:
+            _section(parser, f.name, hints[f.name])
+    name = prefix.rstrip(".").split(".")[-1]
+    group = _section(parser, name, cls) if prefix else parser
+    nested, elsewhere = [], []
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         if f.name in skip:
@@ -523,38 +598,56 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, prefix: str 
         if dataclasses.is_dataclass(hint):
             nested.append((hint, f"{prefix}{f.name}.", f.metadata.get("skip", ())))
             continue
-        help_text = _help(docs.get(f.name, ""), f)
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        args = typing.get_args(hint)
-        optional = isinstance(hint, types.UnionType) and type(None) in args
-        kind = next(a for a in args if a is not type(None)) if optional else hint
-        allowed = choices(hint)
-        if f.metadata.get("positional"):
-            many = typing.get_origin(kind) is list
-            extra = {"nargs": "*", "default": [], "metavar": f.name.upper()} if many else {}
-            group.add_argument(f.name, help=help_text, choices=[c for c in allowed if c is not None] if allowed
-                               else None, **extra)
+        if f.metadata.get("group", name) != name:
+            elsewhere.append(f)
             continue
-        options: dict[str, Any] = {"dest": prefix + f.name}
-        if required:
-            options["required"] = True
-        else:
-            options["default"] = argparse.SUPPRESS
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        elif allowed:
-            options.update(choices=[c for c in allowed if c is not None],
-                           type=type(next(c for c in allowed if c is not None)))
-        elif typing.get_origin(kind) is list:
-            options.update(type=_comma_list, metavar="A,B,...")
-        else:
-            options.update(type=_optional(kind) if optional else kind,
-                           metavar=f.metadata.get("metavar", kind.__name__.upper()))
-        group.add_argument(_flag(f.metadata.get("flag", f.name)), help=help_text, **options)
-        for alias in f.metadata.get("aliases", []):  # accepted, not listed (e.g. the US spelling of colour)
-            group.add_argument(_flag(alias), help=argparse.SUPPRESS, **options)
+        _add_flag(group, f, hints[f.name], docs, prefix, brief and (in_config or not prefix))
     for hint, sub_prefix, sub_skip in nested:
-        add_dataclass_flags(parser, hint, sub_prefix, sub_skip)
+        add_dataclass_flags(parser, hint, sub_prefix, sub_skip, brief, in_config or hint is Config)
+    for f in elsewhere:  # after the sections: e.g. the run folder's flags come last, seed and device with training
+        _add_flag(_section(parser, f.metadata["group"]), f, hints[f.name], docs, prefix,
+                  brief and (in_config or not prefix))
+
+
+def _add_flag(group, f: dataclasses.Field, hint: Any, docs: dict[str, str], prefix: str, brief: bool) -> None:
+    """The flag (or positional argument) of one field; with `brief`, a field not marked basic is not listed."""
+    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    help_text = _help(docs.get(f.name, ""), f)
+    if brief and not (f.metadata.get("basic") or f.metadata.get("positional") or required):
+        help_text = argparse.SUPPRESS
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    kind = next(a for a in args if a is not type(None)) if optional else hint
+    allowed = choices(hint)
+    if f.metadata.get("positional"):
+        many = typing.get_origin(kind) is list
+        extra = {"nargs": "*", "default": [], "metavar": f.name.upper()} if many else {}
+        group.add_argument(f.name, help=help_text, choices=[c for c in allowed if c is not None] if allowed
+                           else None, **extra)
+        return
+    options: dict[str, Any] = {"dest": prefix + f.name}
+    if required:
+        options["required"] = True
+    else:
+        options["default"] = argparse.SUPPRESS
+    listed = _bool_or_list(kind)
+    if listed:  # e.g. --tta, --no-tta or --tta identity,hflip,vflip
+        options.update(nargs="?", const=True, type=_choice_list(listed), metavar="A,B,...")
+        group.add_argument("--no-" + _flag(f.metadata.get("flag", f.name))[2:], dest=prefix + f.name,
+                           action="store_const", const=False, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    elif kind is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    elif allowed:
+        options.update(choices=[c for c in allowed if c is not None],
+                       type=type(next(c for c in allowed if c is not None)))
+    elif typing.get_origin(kind) is list:
+        options.update(type=_comma_list, metavar="A,B,...")
+    else:
+        options.update(type=_optional(kind) if optional else kind,
+                       metavar=f.metadata.get("metavar", kind.__name__.upper()))
+    group.add_argument(_flag(f.metadata.get("flag", f.name)), help=help_text, **options)
+    for alias in f.metadata.get("aliases", []):  # accepted, not listed (e.g. the US spelling of colour)
+        group.add_argument(_flag(alias), help=argparse.SUPPRESS, **options)
 
 
 def _has_config(cls: type) -> bool:
@@ -564,14 +657,94 @@ def _has_config(cls: type) -> bool:
 DEBUG_HELP = "show the full traceback of an error instead of its one-line message"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pomona", description="Train, tune, evaluate and serve EfficientNet "
-                                     "classifiers for apple varieties. `pomona COMMAND --help` lists its settings.")
+class Parser(argparse.ArgumentParser):
+    """argparse that takes no abbreviated flags (`--epoch 1` is not `--epochs 1`) and answers a usage error with
+    the relevant usage line and one line saying what is wrong (with a suggestion for a near miss), not the whole
+    usage of a command with 80 settings. `commands` maps each subcommand ('data fetch') to its parser."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"usage: {self.usage_line(message)}\n{self.prog}: error: {_did_you_mean(message)}\n")
+
+    def usage_line(self, message: str = "") -> str:
+        """`PROG [options]`, the positional and required arguments, and the argument `message` is about."""
+        named = re.match(r"argument (\S+): ", message)
+        formatter = self._get_formatter()
+        parts = []
+        for action in self._actions:
+            name = "/".join(action.option_strings) or action.metavar or action.dest
+            if action.option_strings and not action.required and not (named and named.group(1) == name):
+                continue
+            if not action.option_strings:
+                parts.append(formatter._format_args(action, formatter._get_default_metavar_for_positional(action)))
+                continue
+            text = action.option_strings[0]
+            if action.nargs != 0:
+                text += " " + formatter._format_args(action, formatter._get_default_metavar_for_optional(action))
+            parts.append(text if action.required else f"[{text}]")
+        return " ".join([self.prog, "[options]", *parts])
+
+    def unknown(self, extras: list[str]) -> NoReturn:
+        """Arguments no flag or positional took: the first unknown flag and the nearest real one."""
+        flag = next((a.split("=", 1)[0] for a in extras if a.startswith("-") and len(a) > 1), None)
+        if flag is None:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        near = difflib.get_close_matches(flag, known, n=1)
+        self.error(f"unknown flag {flag}" + (f": did you mean {near[0]}?" if near else
+                                              f" (`{self.prog} --help` lists the flags)"))
+
+
+def _did_you_mean(message: str) -> str:
+    """argparse's message, with the nearest choice added to an invalid one."""
+    bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if bad:
+        near = difflib.get_close_matches(bad.group(1), re.findall(r"'([^']*)'", bad.group(2)), n=1)
+        if near:
+            return f"{message}: did you mean '{near[0]}'?"
+    return message
+
+
+class HelpAll(argparse.Action):
+    """--help-all: the command's help listing every setting (its --help lists the basic ones)."""
+
+    def __init__(self, option_strings: list[str], dest: str, command: str = "", **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+        self.command = command
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        build_parser(brief=False).commands[self.command].print_help()
+        parser.exit()
+
+
+def parse_line(parser: Parser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args`, with an unknown flag reported by the subcommand's parser (and the nearest real flag)."""
+    ns, extras = parser.parse_known_args(argv)
+    if extras:
+        parser.commands.get(command_name(ns), parser).unknown(extras)
+    return ns
+
+
+def command_name(ns: argparse.Namespace) -> str:
+    """The subcommand of a parsed line, as `COMMANDS` names it ('train', 'data fetch')."""
+    return (getattr(ns, "command", None) or "") + (f" {ns.subcommand}" if getattr(ns, "subcommand", None) else "")
+
+
+def build_parser(brief: bool = True) -> Parser:
+    """The `pomona` parser; with `brief`, the --help of a command with `brief_help` lists its basic settings only
+    (--help-all builds it again without `brief`)."""
+    parser = Parser(prog="pomona", description="Train, tune, evaluate and serve EfficientNet "
+                    "classifiers for apple varieties. `pomona COMMAND --help` lists its settings.")
     parser.add_argument("--version", action="version", version=f"pomona {__version__}")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, command in COMMANDS.items():
+        full = name
         doc = (command.settings.__doc__ or "").strip()
         first = " ".join(doc.split("\n\n")[0].split()).split(". ")[0].rstrip(".")
         where = sub
@@ -581,14 +754,22 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[group] = sub.add_parser(group, help="demo data sets").add_subparsers(
                     dest="subcommand", required=True, metavar="COMMAND")
             where = groups[group]
-        p = where.add_parser(name, help=first, description=" ".join(doc.split()))
+        short = brief and command.brief_help
+        p = where.add_parser(name, help=first, description=" ".join(doc.split()), epilog=(
+            f"Only the basic settings are listed: `pomona {full} --help-all` lists every one." if short else None))
+        parser.commands[full] = p
+        if command.brief_help:
+            p.add_argument("--help-all", action=HelpAll, command=full, help="show the help with every setting and exit")
         if _has_config(command.settings):
             p.add_argument("--config", metavar="FILE", help="YAML or JSON file with the settings to change "
                            "(only those; see configs/); flags given here override it")
             p.add_argument("--print-config", nargs="?", const="yaml", choices=["yaml", "json"], metavar="yaml|json",
                            help="print the resolved settings (default format: yaml) and exit, touching nothing")
-        add_dataclass_flags(p, command.settings)
+        add_dataclass_flags(p, command.settings, brief=short)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        for section in p._action_groups:  # a section whose flags are all unlisted is left out of --help
+            if all(a.help is argparse.SUPPRESS for a in section._group_actions):
+                section.description = None
     return parser
 
 
@@ -619,10 +800,11 @@ def parse(argv: list[str] | None = None) -> Invocation:
     file <- flags. Help, --version and usage errors exit here (status 0, 0 and 2) while argparse reads the line,
     before anything heavy is imported; a bad value in a config file is a usage error too."""
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parse_line(parser, argv)
     values = vars(ns)
-    name = ns.command + (f" {ns.subcommand}" if getattr(ns, "subcommand", None) else "")
+    name = command_name(ns)
     command = COMMANDS[name]
+    usage = parser.commands[name]
     cls = command.settings
     top = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
     try:
@@ -638,13 +820,39 @@ def parse(argv: list[str] | None = None) -> Invocation:
             settings.config = merge(base, overrides)
         _set_flags(settings, {k: v for k, v in values.items() if "." in k}, "")
     except (KeyError, ValueError, OSError) as e:
-        parser.error(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
+        usage.error(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
     except (ImportError, PomonaError) as e:  # e.g. --from-study without optuna: one line, as execute() reports
         if getattr(ns, "debug", False):
             raise
         print(f"pomona {name}: error: {explain_error(e)[0]}", file=sys.stderr)
         sys.exit(2)
+    for dotted, f, why in range_problems(settings)[:1]:  # every number within its bounds, before anything is read
+        where = _flag(f.metadata.get("flag", f.name)) if dotted in values else \
+            dotted.removeprefix("config.") + (f" (in {ns.config})" if getattr(ns, "config", None) else "")
+        _refuse(name, f"{where} {why}")
     return Invocation(name, command, settings, getattr(ns, "print_config", None), bool(getattr(ns, "debug", False)))
+
+
+def _refuse(name: str, message: str) -> NoReturn:
+    print(f"pomona {name}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_number_flags(ns: argparse.Namespace) -> None:
+    """Refuse a number flag outside its bounds as `parse` does, from the command line alone (what `main` checks
+    before the re-exec; `parse` checks config files and base configs too)."""
+    name = command_name(ns)
+    values = vars(ns)
+
+    def check(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                check(hints[f.name], f"{prefix}{f.name}.")
+            elif prefix + f.name in values and (why := out_of_range(values[prefix + f.name], f.metadata)):
+                _refuse(name, f"{_flag(f.metadata.get('flag', f.name))} {why}, not {values[prefix + f.name]!r}")
+
+    check(COMMANDS[name].settings, "")
 
 
 def format_config(settings: Any, fmt: str = "yaml") -> str:
@@ -690,9 +898,11 @@ def main(argv: list[str] | None = None) -> None:
     settings (config file, base config) and run."""
     from .runtime import reexec_with_malloc_tuning
 
-    if not getattr(build_parser().parse_args(argv), "print_config", None):
+    ns = parse_line(build_parser(), argv)
+    if not getattr(ns, "print_config", None):
+        check_number_flags(ns)  # a number out of range ends here, at once, as a usage error does
         reexec_with_malloc_tuning(os.environ)
     sys.exit(execute(parse(argv)))
 
 
-__all__ = ["main", "run", "parse", "build_parser", "COMMANDS"]
+__all__ = ["main", "run", "parse", "build_parser", "parse_line", "COMMANDS"]

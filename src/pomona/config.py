@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import numbers
 import types
 import typing
@@ -26,6 +27,8 @@ from .atomic import write_json
 
 Engine = Literal["auto", "onnx", "onnx-int8", "torch", "torch-bf16"]
 FeatureEngine = Literal["auto", "onnx", "torch"]
+View = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270"]
+"""A test-time view (`pomona.tta`): the image, its left-right and top-bottom flips, its quarter turns."""
 
 MAX_ASPECT = 20.0
 """Default bound on the ratio of an image's longer side to its shorter side (a thin strip resized to the model's
@@ -37,7 +40,7 @@ input would be huge: 16000x1 -> 16000*365 x 365 pixels)."""
 class InputConfig:
     """Where photos come from: a folder, or a CSV of image ids and an image folder."""
 
-    data_dir: str | None = field(default=None, metadata={"flag": "data"})
+    data_dir: str | None = field(default=None, metadata={"flag": "data", "basic": True})
     """Folder of photos; for training and evaluation one sub-folder per class (class = sub-folder name)."""
     csv: str | None = None
     """Competition layout: a CSV of image ids (and labels, for training and evaluation); use with --images."""
@@ -55,18 +58,18 @@ class DataConfig(InputConfig):
 
     val_data: str | None = None
     """A folder-per-class validation set to use instead of splitting the training data."""
-    val_fraction: float = 0.2
+    val_fraction: float = field(default=0.2, metadata={"gt": 0, "lt": 1, "basic": True})
     """Fraction of the training data (of its groups, with --group-by) held out for validation."""
-    group_by: str | None = None
+    group_by: str | None = field(default=None, metadata={"basic": True})
     """Regex on the file name whose match (or first group) names a near-duplicate group kept on one side
     of the split, e.g. '^(r\\d?_)?' for the filming passes of fruits360."""
     holdout: Literal["random", "last"] = "random"
     """Which groups go to validation: 'random' (seeded draw per class) or 'last' (the groups that sort last,
     e.g. the last filming pass)."""
-    test_data: str | None = None
+    test_data: str | None = field(default=None, metadata={"basic": True})
     """A labelled folder (one sub-folder per class) that nothing selects on: after training, the kept model (or the
     --folds ensemble) is scored there once, into RUN/test/ (`selected_on: null`)."""
-    test_fraction: float = 0.0
+    test_fraction: float = field(default=0.0, metadata={"ge": 0, "lt": 0.5})
     """Hold out this fraction of --data (stratified, whole groups) as a test set before the train/validation
     split; nothing selects on it, and the kept model is scored there once after training (RUN/test/). Not with
     --folds, whose out-of-fold scores are held out already."""
@@ -74,24 +77,24 @@ class DataConfig(InputConfig):
     """Folder of unlabelled photos (sub-folders are searched too) for self-training: the trained model labels them,
     the confident ones join the training fold of a second model trained the same way (--pseudo-threshold). It
     must not hold photos of the labelled data."""
-    train_every_nth: int = 1
+    train_every_nth: int = field(default=1, metadata={"ge": 1})
     """Keep every Nth training image of each group (in file-name order): consecutive video frames are
     near-duplicates, so thinning them costs little accuracy and saves time. Validation is never thinned."""
-    max_bad_fraction: float = 0.05
+    max_bad_fraction: float = field(default=0.05, metadata={"ge": 0, "le": 1})
     """Stop with an error when more than this fraction of the images cannot be read."""
-    max_pixels: int = 64_000_000
+    max_pixels: int = field(default=64_000_000, metadata={"ge": 1})
     """Images with more pixels than this are treated as unreadable (decompression-bomb guard)."""
-    max_aspect: float = MAX_ASPECT
+    max_aspect: float = field(default=MAX_ASPECT, metadata={"ge": 1})
     """Images whose longer side is more than this many times the shorter (thin strips) are treated as
     unreadable."""
     cache_images: bool = True
     """Decode each image once per run and keep it (resized) in memory."""
-    cache_max_mb: int = 4096
+    cache_max_mb: int = field(default=4096, metadata={"ge": 0})
     """Upper bound of the decoded-image cache; images past it are decoded on the fly."""
-    cache_side: int = 0
+    cache_side: int = field(default=0, metadata={"ge": 0})
     """Shorter side (pixels) at which decoded training photos are kept: larger photos are shrunk to it, smaller
     ones kept as they are; 0 = twice the model's resize size, so that small random crops keep their detail."""
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata={"ge": 0})
     """Data-loader worker processes (0 = decode and augment in the main process)."""
 
 
@@ -99,18 +102,18 @@ class DataConfig(InputConfig):
 class ModelConfig:
     """The network: a timm EfficientNet backbone and the original system's head."""
 
-    name: str = field(default="tf_efficientnet_lite0", metadata={"flag": "model"})
+    name: str = field(default="tf_efficientnet_lite0", metadata={"flag": "model", "basic": True})
     """timm model name (tf_efficientnet_lite0..2 have offline weights; efficientnet_b0..b4 need --weights)."""
     weights: str = "auto"
     """'auto' (packaged offline weights when they exist, else the hub), 'package', 'hub' (timm pretrained=True,
     needs internet), 'none' (random init), or a path to a .safetensors/.pth file."""
-    out_features: int = 512
+    out_features: int = field(default=512, metadata={"ge": 0})
     """Hidden width of the head Linear->ReLU->Dropout->Linear; 0 gives a plain linear head."""
-    dropout: float = 0.3
+    dropout: float = field(default=0.3, metadata={"ge": 0, "lt": 1})
     """Dropout in the head."""
-    img_size: int | None = 224
+    img_size: int | None = field(default=224, metadata={"ge": 16, "basic": True})
     """Square input size in pixels (None = the model's pretrained size)."""
-    freeze_backbone: bool = False
+    freeze_backbone: bool = field(default=False, metadata={"basic": True})
     """Train only the head, as the original system did (otherwise fine-tune after --frozen-epochs)."""
     channels_last: bool = True
     """Use the channels_last memory format (faster convolutions on CPU)."""
@@ -120,93 +123,95 @@ class ModelConfig:
 class TrainConfig:
     """How the network is trained."""
 
-    epochs: int = 10
+    epochs: int = field(default=10, metadata={"ge": 1, "basic": True})
     """Number of epochs."""
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata={"ge": 1, "basic": True})
     """Images per optimisation step."""
     optimizer: Literal["adamw", "adam", "rmsprop", "sgd"] = "adamw"
     """The optimiser."""
-    lr: float = 1e-3
+    lr: float = field(default=1e-3, metadata={"gt": 0, "basic": True})
     """Peak learning rate of the head (the backbone gets lr * --backbone-lr-mult)."""
-    backbone_lr_mult: float = 0.1
+    backbone_lr_mult: float = field(default=0.1, metadata={"ge": 0})
     """Learning-rate multiplier of the backbone when fine-tuning."""
-    weight_decay: float = 1e-4
+    weight_decay: float = field(default=1e-4, metadata={"ge": 0})
     """Weight decay."""
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     """Learning-rate schedule (cosine with linear warm-up, one-cycle, or constant)."""
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = field(default=1.0, metadata={"ge": 0})
     """Linear learning-rate warm-up (cosine schedule), in epochs."""
-    frozen_epochs: int = 0
+    frozen_epochs: int = field(default=0, metadata={"ge": 0})
     """Head-only epochs (on augmented images) before the backbone is unfrozen (ignored with --freeze-backbone)."""
     head_init: Literal["probe", "random"] = "probe"
     """How the head starts when the backbone is fine-tuned: 'probe' first trains it on the frozen backbone's
     features of the training photos (a linear probe, then fine-tuning: LP-FT, which changes the pretrained
     features less), 'random' starts fine-tuning from a random head."""
-    probe_epochs: int = 40
+    probe_epochs: int = field(default=40, metadata={"ge": 1})
     """Epochs of the probe that initialises the head (--head-init probe); seconds, on cached features."""
     freeze_bn: bool = True
     """Keep the backbone's batch-norm statistics at their pretrained values while fine-tuning (batch-norm layers
     in eval mode): re-estimating them from small batches of augmented crops of a few hundred photos is what
     made fine-tuned models fail on photos from other sources."""
-    wise_alpha: float = 1.0
+    wise_alpha: float = field(default=1.0, metadata={"ge": 0, "le": 1})
     """WiSE-FT: keep (1 - alpha) * probe weights + alpha * fine-tuned weights (needs --head-init probe);
     1 = the fine-tuned weights."""
-    keep: Literal["last", "best"] = "last"
+    keep: Literal["last", "best"] = field(default="last", metadata={"basic": True})
     """Which epoch's weights the run keeps: 'last' (no choice looks at the validation photos, so their score is
     a held-out score) or 'best' (highest validation macro-F1: that score is then selected on those photos)."""
-    pseudo_threshold: float = 0.8
+    pseudo_threshold: float = field(default=0.8, metadata={"ge": 0, "le": 1})
     """Self-training (--unlabeled): smallest probability at which an unlabelled photo keeps its predicted label;
     per class at most as many as the class has labelled training photos, the most confident first."""
-    self_train_rounds: int = 1
+    self_train_rounds: int = field(default=1, metadata={"ge": 1})
     """Self-training (--unlabeled): how many times a model labels the unlabelled photos for the next one."""
-    label_smoothing: float = 0.1
+    label_smoothing: float = field(default=0.1, metadata={"ge": 0, "lt": 1})
     """Label smoothing of the cross-entropy loss."""
     class_weighted_loss: bool = False
     """Weight the loss by inverse class frequency."""
     weighted_sampler: bool = False
     """Draw training images with probability inversely proportional to their class size (with replacement),
     so every class is seen about equally often per epoch."""
-    patience: int = 0
+    patience: int = field(default=0, metadata={"ge": 0})
     """With --keep best: stop after this many epochs without a better validation macro-F1 (0 = never)."""
     augment: bool = True
     """Random crops, flips and rotations during training; --no-augment trains on the evaluation preprocessing,
     as the frozen-feature fast path of `pomona tune` does."""
-    hflip: float = 0.5
+    hflip: float = field(default=0.5, metadata={"ge": 0, "le": 1})
     """Probability of a left-right flip during training."""
-    vflip: float = 0.5
+    vflip: float = field(default=0.5, metadata={"ge": 0, "le": 1})
     """Probability of a top-bottom flip during training."""
-    rotate: float = 30.0
+    rotate: float = field(default=30.0, metadata={"ge": 0, "le": 180})
     """Maximum random rotation in degrees during training."""
-    crop_scale: float = 0.05
+    crop_scale: float = field(default=0.05, metadata={"gt": 0, "le": 1})
     """Smallest area fraction kept by the random resized crop: small crops show single apples, so the model
     learns the fruit rather than the shelf it lies on."""
-    photometric: float = 0.0
+    photometric: float = field(default=0.0, metadata={"ge": 0, "le": 1})
     """Probability of a random change of exposure and contrast (+-30%) that keeps each pixel's hue, as photos
     from other cameras and light differ (--white-balance, --blur, --jpeg and --noise add more)."""
-    white_balance: float = 0.0
+    white_balance: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
     """Largest relative change of a colour channel's gain (e.g. 0.05) in the photometric change; small, since
     colour tells varieties apart."""
-    blur: float = 0.0
+    blur: float = field(default=0.0, metadata={"ge": 0, "le": 1})
     """Probability of a Gaussian blur (sigma 0.1-1.5) during training."""
-    jpeg: float = 0.0
+    jpeg: float = field(default=0.0, metadata={"ge": 0, "le": 1})
     """Probability of re-encoding the training crop as JPEG (quality 30-90)."""
-    noise: float = 0.0
+    noise: float = field(default=0.0, metadata={"ge": 0, "le": 1})
     """Probability of adding Gaussian pixel noise (up to 3% of the range)."""
-    random_erasing: float = 0.0
+    random_erasing: float = field(default=0.0, metadata={"ge": 0, "le": 1})
     """Probability of erasing a random rectangle (2-25% of the crop): the model cannot rely on one spot."""
-    colour_jitter: float = field(default=0.0, metadata={"aliases": ["color_jitter"]})
+    colour_jitter: float = field(default=0.0, metadata={"aliases": ["color_jitter"], "ge": 0})
     """Brightness/contrast jitter strength; 0 by default because colour tells varieties apart."""
-    rot90: float = 0.0
+    rot90: float = field(default=0.0, metadata={"ge": 0, "le": 1})
     """Probability of an extra random quarter turn (90, 180 or 270 degrees) during training: an apple has no
     upright."""
-    elastic: float = 0.0
+    elastic: float = field(default=0.0, metadata={"ge": 0})
     """Strength (alpha of torchvision's ElasticTransform, sigma 5; try 20-50) of a random elastic distortion
     during training, the online cousin of Augmentor's random_distortion; 0 = off."""
-    ema_epochs: float = 0.0
+    ema_epochs: float = field(default=0.0, metadata={"ge": 0})
     """Evaluate and keep an exponential moving average of the weights over roughly this many recent epochs
     (0 = off)."""
-    tta: bool = True
-    """Average predictions over the image and its left-right flip at validation and test time."""
+    tta: bool | list[View] = True
+    """Test-time views averaged at validation and test time: --tta = the image and its left-right flip, --no-tta =
+    the image alone, or a list of views, e.g. --tta identity,hflip,vflip (views: identity, hflip, vflip, rot90,
+    rot180, rot270; in a config file a list)."""
     # -- speed: where augmentation runs, precision, compilation (the recipe is the same either way)
     device_augment: Literal["auto", "on", "off"] = "auto"
     """Decode every image once into one uint8 store and augment whole batches on the training device
@@ -250,9 +255,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
-    seed: int = 0
+    seed: int = field(default=0, metadata={"ge": 0, "lt": 2**32, "group": "train"})
     """Seed of the split, the initialisation, the data order and the augmentation."""
-    device: str = "auto"
+    device: str = field(default="auto", metadata={"basic": True, "group": "train"})
     """'auto' (CUDA when available), 'cpu' or 'cuda'."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -364,7 +369,7 @@ TUNE_DEFAULTS = {"model": {"freeze_backbone": True}, "train": {"epochs": 4}}
 class TuneConfig:
     """How `pomona tune` searches: the study, its storage, sampler, pruner, tracker and fast path."""
 
-    trials: int = 15
+    trials: int = field(default=15, metadata={"ge": 1})
     """Total trials of the study (not per run): rerunning continues it up to this number."""
     storage: str | None = None
     """Optuna storage URL; default sqlite:///OUT/study.db. postgresql://user@host/db: the same command on N
@@ -375,9 +380,9 @@ class TuneConfig:
     """tpe (seeded by --seed) or random."""
     pruner: Literal["median", "none"] = "median"
     """median (stop a trial whose macro-F1 is below the median of earlier trials at the same epoch) or none."""
-    pruner_startup_trials: int = 5
+    pruner_startup_trials: int = field(default=5, metadata={"ge": 0})
     """Trials that finish before the median pruner starts pruning."""
-    pruner_warmup_epochs: int = 1
+    pruner_warmup_epochs: int = field(default=1, metadata={"ge": 0})
     """Epochs of each trial that are never pruned."""
     tracker: Literal["wandb", "mlflow", "none"] = "wandb"
     """wandb (offline runs under OUT/wandb; `wandb sync` uploads them), mlflow (OUT/mlflow.db; `mlflow ui`) or none."""
@@ -389,7 +394,7 @@ class TuneConfig:
     """Feature extraction for the fast path: auto (ONNX Runtime on CPU, PyTorch on CUDA), onnx or torch."""
     feature_cache: str | None = None
     """Folder of cached features (default: OUT/features)."""
-    heartbeat: int = 30
+    heartbeat: int = field(default=30, metadata={"ge": 1})
     """Seconds between a running trial's heartbeats; a trial silent for twice this long (a killed worker)
     is marked failed and queued again."""
     space: str | None = None
@@ -403,22 +408,22 @@ class TuneConfig:
 class TrainCommand:
     """Train a classifier into a run folder (or continue one with --resume)."""
 
-    out: str | None = None
+    out: str | None = field(default=None, metadata={"basic": True, "group": "run folder"})
     """Run folder to create."""
-    resume: str | None = field(default=None, metadata={"metavar": "RUN"})
+    resume: str | None = field(default=None, metadata={"metavar": "RUN", "basic": True, "group": "run folder"})
     """Continue the interrupted run in RUN from its last epoch, with its own settings (flags that differ from them
     are refused)."""
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata={"basic": True, "group": "run folder"})
     """Replace the run already in --out (refused without this flag); its old run files are removed only once the
     new run's settings, data and images have been checked."""
     from_study: str | None = field(default=None, metadata={"metavar": "TUNE_RUN"})
     """Start from the best trial's settings of a `pomona tune` folder (flags still override)."""
-    folds: int = 0
+    folds: int = field(default=0, metadata={"ge": 0})
     """K-fold cross-validation over all labelled photos (--data, and --val-data if given): K models, each trained
     on K-1 folds, predict the fold they never saw (oof.csv, cv.json) and together form the run's ensemble
     (their probabilities are averaged); 0 = one model on one split. Stratified, and group-aware with
     --group-by."""
-    repeats: int = 1
+    repeats: int = field(default=1, metadata={"ge": 1})
     """With --folds: repeat the K-fold split with this many different seeds (K x repeats models)."""
     config: Config = field(default_factory=Config)
 
@@ -429,9 +434,9 @@ class TuneCommand:
     Defaults differ from `train` in two settings: --freeze-backbone and --epochs 4 (the original system's
     trials)."""
 
-    out: str | None = None
+    out: str | None = field(default=None, metadata={"basic": True})
     """Run folder (holds the SQLite study, features, trials, tracker runs, results)."""
-    show_space: bool = False
+    show_space: bool = field(default=False, metadata={"basic": True})
     """Print the search space and exit."""
     tune: TuneConfig = field(default_factory=TuneConfig)
     config: Config = field(default_factory=Config)
@@ -448,9 +453,9 @@ class ScoringConfig(InputConfig):
     fp32 onnx; see `pomona export`), else PyTorch fp32; or onnx, onnx-int8, torch, torch-bf16."""
     tta: bool | None = None
     """Average with the left-right flip (default: as the run was trained)."""
-    threads: int | None = None
+    threads: int | None = field(default=None, metadata={"ge": 0})
     """ONNX Runtime threads (default: one per core)."""
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata={"ge": 1})
     """Photos per model call."""
 
 
@@ -462,7 +467,8 @@ class EvaluateCommand(ScoringConfig):
     run: str = field(metadata={"positional": True})
     """Run folder."""
     out: str | None = None
-    """Output folder (default: RUN/eval)."""
+    """Output folder (default: RUN/eval, which also rewrites RUN/report.html); elsewhere it gets its own
+    report.html and the run's is left alone."""
 
 
 @dataclass(kw_only=True)
@@ -480,11 +486,14 @@ class PredictCommand(ScoringConfig):
     """Output format (default: csv for --out, or by its .json extension; a readable list on the terminal)."""
     sample_submission: str | None = None
     """Take the submission header from this CSV."""
-    top_k: int = 3
+    top_k: int = field(default=3, metadata={"ge": 1})
     """Classes shown per photo."""
-    min_confidence: float = 0.6
+    min_confidence: float = field(default=0.6, metadata={"ge": 0, "le": 1})
     """Below this top probability the answer is 'not sure: X or Y' (the `verdict` and `sure` columns; a
     submission CSV still gets the most probable class); 0 = always sure."""
+    save_dir: str | None = None
+    """Also write each photo into this folder with its verdict and top-k drawn on it (shrunk to at most 1024
+    pixels)."""
 
 
 @dataclass(kw_only=True)
@@ -510,15 +519,16 @@ class ExportCommand:
     `--engine auto` uses them only when it passes (top-1 agreement >= 99%, |macro-F1 difference| <= 0.005)."""
     out: str | None = None
     """Folder for the exported model (default: the run folder)."""
-    opset: int = 17
+    opset: int = field(default=17, metadata={"ge": 7})
     """ONNX opset."""
-    tolerance: float = 1e-3
+    tolerance: float = field(default=1e-3, metadata={"gt": 0})
     """Largest accepted |exported - PyTorch| logit difference (fp32 formats)."""
-    calibration: int = 64
+    calibration: int = field(default=64, metadata={"ge": 1})
     """onnx-int8: training photos of the run that calibrate the activation ranges."""
     parity_data: str | None = None
     """Labelled folder (one sub-folder per class) for the parity of low-precision formats (default: the run's
-    validation photos, from split.csv)."""
+    held-out photos, from split.csv): at least 20 photos, better 200 or more, none of them a training photo of the
+    run."""
 
 
 @dataclass(kw_only=True)
@@ -529,51 +539,51 @@ class ServeCommand:
     """Run folder."""
     host: str = "127.0.0.1"
     """Address to listen on (0.0.0.0 = every network interface)."""
-    port: int = 8000
+    port: int = field(default=8000, metadata={"ge": 0, "le": 65535})
     """TCP port to listen on."""
     engine: Engine = "auto"
     """auto (the fastest up-to-date export whose parity with fp32 passed, else PyTorch: as `pomona predict`),
     onnx, onnx-int8, torch or torch-bf16."""
-    threads: int = 0
+    threads: int = field(default=0, metadata={"ge": 0})
     """ONNX Runtime threads per model call (0 = one per CPU core)."""
     tta: bool = True
     """Average each prediction with that of the left-right flipped photo (twice the compute)."""
-    max_upload_mb: float = 10.0
+    max_upload_mb: float = field(default=10.0, metadata={"gt": 0})
     """Largest accepted request body in MB; larger uploads are refused with 413 before they are read."""
-    max_pixels: int = 50_000_000
+    max_pixels: int = field(default=50_000_000, metadata={"ge": 1})
     """Largest accepted image in pixels, read from the header before decoding (decompression-bomb guard)."""
-    max_aspect: float = MAX_ASPECT
+    max_aspect: float = field(default=MAX_ASPECT, metadata={"ge": 1})
     """Largest accepted ratio of an image's longer side to its shorter side; thinner strips get 422."""
-    decode_threads: int = 0
+    decode_threads: int = field(default=0, metadata={"ge": 0})
     """Photos decoded at the same time (0 = one per CPU core); other uploads wait their turn, so several large
     images never hold a full decode each at once. Large photos are decoded reduced, to about twice the model's
     resize size."""
-    max_batch: int = 16
+    max_batch: int = field(default=16, metadata={"ge": 1})
     """Most concurrent requests answered by one model call."""
-    max_concurrency: int = 16
+    max_concurrency: int = field(default=16, metadata={"ge": 1})
     """Requests processed at once (upload read, decoded, classified); more wait in the queue. Idle connections,
     /health and the page do not count."""
-    max_queue: int = 256
+    max_queue: int = field(default=256, metadata={"ge": 0})
     """Requests waiting for a free slot; when the queue is full, new ones get 503 with a Retry-After header."""
-    queue_timeout: float = 30.0
+    queue_timeout: float = field(default=30.0, metadata={"gt": 0})
     """Seconds a request may wait in the queue; then it gets 503 with Retry-After."""
-    retry_after: int = 2
+    retry_after: int = field(default=2, metadata={"ge": 0})
     """Seconds a 503 answer asks the client to wait before trying again (the Retry-After header)."""
-    header_timeout: float = 10.0
+    header_timeout: float = field(default=10.0, metadata={"gt": 0})
     """Seconds a connection may stay without a request in progress (from connecting, or from its previous
     response) before its request's headers are complete; silent or trickling connections are then closed."""
-    body_timeout: float = 60.0
+    body_timeout: float = field(default=60.0, metadata={"gt": 0})
     """Seconds a client has to send its upload once the request is processed; slower uploads get 408."""
-    keep_alive_timeout: int = 5
+    keep_alive_timeout: int = field(default=5, metadata={"ge": 0})
     """Seconds an idle keep-alive connection stays open after a response."""
-    max_connections: int = 512
+    max_connections: int = field(default=512, metadata={"ge": 1})
     """Open TCP connections; past this, the connection idle longest (for more than a second) is closed, never one
     with a request in progress."""
-    min_confidence: float = 0.6
+    min_confidence: float = field(default=0.6, metadata={"ge": 0, "le": 1})
     """Below this top probability the answer says 'not sure: X or Y' (`sure: false` and `verdict` in the JSON)."""
     explain: bool = True
     """Serve Grad-CAM overlays (/explain; loads the PyTorch model too)."""
-    cam_size: int = 448
+    cam_size: int = field(default=448, metadata={"ge": 16})
     """Side in pixels of the Grad-CAM overlay image."""
 
 
@@ -589,7 +599,7 @@ class ExplainCommand:
     """PNG to write (default: PHOTO_gradcam.png in the current folder)."""
     class_name: str | None = field(default=None, metadata={"flag": "class"})
     """Explain this class instead of the predicted one."""
-    size: int = 448
+    size: int = field(default=448, metadata={"ge": 16})
     """Side of the overlay image in pixels."""
     engine: Engine = "auto"
     """Engine of the probabilities shown (as `pomona predict`); the map itself is computed with PyTorch."""
@@ -607,7 +617,7 @@ class BalanceCommand(InputConfig):
     masks: str | None = None
     """Folder of masks mirroring --data (same class/name): transformed with their images
     (Augmentor.DataPipeline), written under OUT/masks/."""
-    seed: int = 0
+    seed: int = field(default=0, metadata={"ge": 0, "lt": 2**32})
     """Seed (same seed, same files)."""
     balance: BalanceConfig = field(default_factory=BalanceConfig, metadata={"skip": ["cache_dir"]})
 
@@ -620,7 +630,7 @@ class PreviewCommand:
     """A photo."""
     out: str = "augment_preview.png"
     """PNG to write."""
-    n: int = 11
+    n: int = field(default=11, metadata={"ge": 1})
     """Augmented samples per pipeline."""
     show: Literal["online", "balance", "both"] = "both"
     """Which pipelines to show."""
@@ -637,19 +647,19 @@ class AblationSettings:
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     """Arms to train, comma-separated: none, augmentor, class_weights, sampler, none_matched (plain training with
     as many optimisation steps as augmentor)."""
-    seeds: int = 3
+    seeds: int = field(default=3, metadata={"ge": 1})
     """Training seeds per arm (0..seeds-1); the split and the imbalance are the same for all."""
-    imbalance: float | None = None
+    imbalance: float | None = field(default=None, metadata={"gt": 0, "le": 1})
     """Keep only this fraction of the minority classes' training images, e.g. 0.2 (default: the data as it is)."""
     minority: list[str] | None = None
     """Comma-separated classes to cut (default: the --n-minority smallest training classes)."""
-    n_minority: int = 2
+    n_minority: int = field(default=2, metadata={"ge": 1})
     """How many classes to cut when --minority is not given."""
     balance_mode: str = "max"
     """Balancing of the augmentor arm (see --balance)."""
-    val_every_nth: int = 1
+    val_every_nth: int = field(default=1, metadata={"ge": 1})
     """Score on every Nth validation image of each group (near-duplicate video frames; 1 = all)."""
-    n_boot: int = 1000
+    n_boot: int = field(default=1000, metadata={"ge": 1})
     """Bootstrap resamples for the confidence intervals."""
 
 
@@ -748,7 +758,11 @@ def np_bool_types() -> tuple:
 def _type_name(hint: Any) -> str:
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a text", type(None): "none"}
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    return " or ".join(names.get(a, "a list" if typing.get_origin(a) is list else str(a)) for a in args)
+    def listed(a: Any) -> str:
+        items = choices(typing.get_args(a)[0]) if typing.get_args(a) else None
+        return f"a list of {', '.join(items)}" if items else "a list"
+
+    return " or ".join(names.get(a, listed(a) if typing.get_origin(a) is list else str(a)) for a in args)
 
 
 def choices(hint: Any) -> tuple | None:
@@ -759,6 +773,40 @@ def choices(hint: Any) -> tuple | None:
         if typing.get_origin(arg) is Literal:
             return typing.get_args(arg) + ((None,) if type(None) in typing.get_args(hint) else ())
     return None
+
+
+BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+"""Field metadata that bounds a number setting: `metadata={"gt": 0, "lt": 1}` means 0 < value < 1. A number setting
+that takes any value says `"unbounded": True` instead (tests/test_values.py checks that each says one or the
+other); the CLI checks every bound right after parsing (`range_problems`), before anything is read or written."""
+_CHECKS = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
+
+
+def out_of_range(value: Any, metadata: Any) -> str | None:
+    """What is wrong with `value` given its field's bounds ('must be >= 1'), or None (None and non-numbers pass)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    limits = [(key, metadata[key]) for key in BOUNDS if key in metadata]
+    if not limits:
+        return None
+    if not math.isfinite(value):
+        return "must be a finite number"
+    if all(_CHECKS[key](value, bound) for key, bound in limits):
+        return None
+    return "must be " + " and ".join(f"{BOUNDS[key]} {bound}" for key, bound in limits)
+
+
+def range_problems(obj: Any, prefix: str = "") -> list[tuple[str, dataclasses.Field, str]]:
+    """The number settings of a settings dataclass (and of the dataclasses in it) outside their bounds, as
+    (dotted name, field, 'must be >= 1, not 0')."""
+    problems = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            problems += range_problems(value, f"{prefix}{f.name}.")
+        elif (why := out_of_range(value, f.metadata)) is not None:
+            problems.append((prefix + f.name, f, f"{why}, not {value!r}"))
+    return problems
 
 
 def apply_params(cfg: Config, params: dict[str, Any]) -> Config:

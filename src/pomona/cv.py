@@ -113,14 +113,20 @@ def ensemble_scores(y: np.ndarray, repeat_probs: list[np.ndarray], groups: np.nd
     return score, [float(np.quantile(scores, 0.025)), float(np.quantile(scores, 0.975))]
 
 
-def calibration(y: np.ndarray, view_probs: np.ndarray, fold: np.ndarray) -> dict:
+def calibration(y: np.ndarray, view_probs: np.ndarray, fold: np.ndarray, photo: np.ndarray) -> dict:
     """The temperature fitted on all out-of-fold predictions, and ECE before and after (each fold at the
-    temperature fitted on the other folds, so the 'after' is not measured on the photos it was fitted on)."""
+    temperature fitted on the other folds, so the 'after' is not measured on the photos it was fitted on).
+
+    `photo` names the photo of each row (an index into the labelled table). With several repeats a photo has a
+    row in every repeat: the temperature for a fold is fitted on the rows of other photos only, never on another
+    repeat's row of a photo that the fold scores."""
     before = expected_calibration_error(apply_temperature(view_probs, 1.0), y)
+    photo = np.asarray(photo)
     crossed = np.zeros(view_probs.shape[1:])
     for k in np.unique(fold):
         out = fold == k
-        t = fit_temperature(view_probs[:, ~out], y[~out])
+        fit = ~np.isin(photo, photo[out])  # every row (of every repeat) of the photos this fold scores is left out
+        t = fit_temperature(view_probs[:, fit], y[fit])
         crossed[out] = apply_temperature(view_probs[:, out], t)
     return {"temperature": fit_temperature(view_probs, y), "ece_before": before,
             "ece_after": expected_calibration_error(crossed, y), "ece_bins": 15}
@@ -180,7 +186,8 @@ def train_folds(cfg: Config, run_dir: str | Path, folds: int = 5, repeats: int =
     groups = table["group"].to_numpy() if cfg.data.group_by else None
     score, ci = ensemble_scores(y, repeat_probs, groups)
     calib = calibration(np.tile(y, repeats), np.concatenate(repeat_view_probs, axis=1),
-                        np.concatenate([a["fold"].to_numpy() + folds * r for r, a in enumerate(assignments)]))
+                        np.concatenate([a["fold"].to_numpy() + folds * r for r, a in enumerate(assignments)]),
+                        np.tile(np.arange(len(table)), repeats))
     per_class = compute_metrics(y, repeat_probs[0].argmax(1), classes, n_boot=0)["per_class"]
     cv = {"folds": folds, "repeats": repeats, "n_photos": int(len(table)), "classes": classes,
           "oof_macro_f1": score, "oof_macro_f1_ci95": ci,
@@ -189,7 +196,7 @@ def train_folds(cfg: Config, run_dir: str | Path, folds: int = 5, repeats: int =
           "oof_macro_f1_per_repeat": [macro_f1(y, p.argmax(1)) for p in repeat_probs],
           "per_fold": per_fold, "per_class_f1": {c: v["f1"] for c, v in per_class.items()}, **calib,
           "views": list(views), "self_training": bool(unlabeled), "seconds": time.perf_counter() - start,
-          "selected_on": None,
+          "selected_on": None, "ensemble_ece": "measured only on --test-data (RUN/test/metrics.json)",
           "note": "every photo is predicted by the fold model that never saw it; each fold model kept its last "
                   "epoch, so no choice looked at the photos it is scored on"}
     write_csv(run_dir / "folds.csv", pd.concat(assignments, ignore_index=True))

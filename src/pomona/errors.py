@@ -13,7 +13,8 @@ import importlib
 EXTRAS = {"fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "python_multipart": "serve",
           "multipart": "serve", "onnx": "serve", "onnxruntime": "serve", "optuna": "tune", "wandb": "tune",
           "plotly": "tune", "mlflow": "mlflow"}
-"""Optional packages and the extra of pomona that installs them (`pip install 'pomona[EXTRA]'`)."""
+"""Optional packages and the extra of pomona that installs them (`pip install 'pomona[EXTRA]'`, or from a clone of
+the repository `pip install -e '.[EXTRA]'`)."""
 
 PACKAGE_NAMES = {"python_multipart": "python-multipart", "multipart": "python-multipart"}
 """Import names that differ from the name pip installs."""
@@ -31,7 +32,8 @@ def missing_extra(module: str, needed_for: str = "this command") -> MissingExtra
     top = module.split(".")[0]
     package = PACKAGE_NAMES.get(top, top)
     extra = EXTRAS.get(top)
-    fix = f"pip install 'pomona[{extra}]'" if extra else f"pip install {package}"
+    fix = (f"pip install 'pomona[{extra}]'  (from a clone: pip install -e '.[{extra}]')" if extra
+           else f"pip install {package}")
     return MissingExtra(f"{needed_for} needs the Python package {package}, which is not installed: {fix}")
 
 

@@ -7,12 +7,14 @@ came from, the SHA-256 of the file itself, the classes, the preprocessing and th
 
 - fp32 formats (onnx, torchscript): max |exported - PyTorch| over the logits of seeded batches, refused above
   the tolerance;
-- low-precision formats (onnx-int8, torch-bf16): `parity` on held-out photos (the run's validation split, or
-  `parity_data`): top-1 agreement with fp32, macro-F1 of both and its difference, max |probability
-  difference|, and whether it `passed` the gate of `checkpoint.parity_passes`. A failing export is kept (it
-  can be forced with `--engine`) but `--engine auto` does not use it. onnx-int8 is quantised statically
-  (`onnx_io.quantize_onnx`) with activation ranges calibrated on the run's training photos; when the whole
-  graph fails the gate, it is quantised again with the first convolution and the head left in float.
+- low-precision formats (onnx-int8, torch-bf16): `parity` on held-out photos (the held-out rows of the run's
+  split.csv, or `parity_data`; never a photo any model of the run trained on, and at least PARITY_MIN_PHOTOS of
+  them, with a recorded and printed warning below PARITY_PHOTOS): top-1 agreement with fp32, macro-F1 of both and
+  its difference, max |probability difference|, and whether it `passed` the gate of `checkpoint.parity_passes`.
+  A failing export is kept (it can be forced with `--engine`) but `--engine auto` does not use it. onnx-int8 is
+  quantised statically (`onnx_io.quantize_onnx`) with activation ranges calibrated on the run's training photos;
+  when the whole graph fails the gate, it is quantised again with the first convolution and the head left in
+  float.
 
 When `out` is another folder, `run.json` is copied there too, so that folder alone can be served or used with
 `predict`.
@@ -31,9 +33,9 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write, write_json
-from .checkpoint import (CLASSES_METADATA, EXPORT_FILES, EXPORT_INFO, RunFolderError, copy_run_info,
-                         find_current_export, load_run, parity_passes, read_json_file, read_run_info, read_split,
-                         sha256_file, weights_sha256)
+from .checkpoint import (CLASSES_METADATA, EXPORT_FILES, EXPORT_INFO, PARITY_MIN_PHOTOS, PARITY_PHOTOS, RunFolderError,
+                         copy_run_info, find_current_export, load_run, member_paths, parity_passes, read_json_file,
+                         read_run_info, read_split, sha256_file, weights_sha256)
 from .engine import OnnxEngine, cpu_supports_bf16, iter_batches, softmax
 from .errors import PomonaError
 from .metrics import macro_f1
@@ -165,23 +167,68 @@ def write_export_info(out_dir: Path, result: ExportResult, info: dict) -> Path:
 # ------------------------------------------------------------------------------------------------ low precision
 def held_out_photos(run_dir: Path, classes: list[str], parity_data: str | Path | None = None,
                     ) -> tuple[list[str], np.ndarray, str]:
-    """The labelled photos parity is measured on: `parity_data` (a folder per class), else the validation rows
-    of the run's split.csv; their class indices and where they came from."""
+    """The labelled photos parity is measured on, their class indices and where they came from: `parity_data` (a
+    folder per class; refused when it holds any photo a model of the run trained on), else the held-out rows of
+    the run's split.csv (validation and test: never a 'train' row). All of them are used; fewer than
+    PARITY_MIN_PHOTOS are refused (ExportError naming --parity-data)."""
+    training = training_photos(run_dir)
     if parity_data:
         from .index import index_folder
 
-        table, source = index_folder(parity_data), str(parity_data)
+        table, source = index_folder(parity_data), f"--parity-data {parity_data}"
+        seen = same_photos(list(table["path"]), training)
+        if seen:
+            raise ExportError(f"--parity-data {parity_data} holds {len(seen)} of the run's training photos (e.g. "
+                              f"{seen[0]}): parity with fp32 is measured on held-out photos only; remove them, or "
+                              "give another folder")
     else:
         split = read_split(run_dir)
-        if split is None or not (split["subset"] == "val").any():
-            raise ExportError(f"{run_dir} has no validation photos in split.csv to measure parity with fp32 on; "
-                              "give --parity-data FOLDER (one sub-folder per class)")
-        table, source = split[split["subset"] == "val"], "the run's validation split (split.csv)"
+        table = split[split["subset"] != "train"] if split is not None else split
+        if table is not None:  # a photo listed as training photo too (of the run or a member) is not held out
+            trained = {_resolved(p) for p in training}
+            table = table[[_resolved(p) not in trained for p in table["path"]]]
+        if table is None or not len(table):
+            raise ExportError(f"{run_dir} has no held-out photos in split.csv to measure parity with fp32 on; give "
+                              f"--parity-data FOLDER (one sub-folder per class, {PARITY_PHOTOS} or more photos the "
+                              "run never trained on)")
+        source = "the run's held-out photos (split.csv: " + ", ".join(sorted(set(table["subset"]))) + ")"
+    if len(table) < PARITY_MIN_PHOTOS:
+        raise ExportError(f"parity with fp32 needs at least {PARITY_MIN_PHOTOS} held-out photos, and {source} has "
+                          f"{len(table)}: give --parity-data FOLDER (one sub-folder per class, {PARITY_PHOTOS} or "
+                          "more photos the run never trained on)")
     unknown = sorted(set(table["label"]) - set(classes))
     if unknown:
         raise ExportError(f"parity photos of classes the model does not know: {unknown}")
     index = {c: i for i, c in enumerate(classes)}
     return list(table["path"]), np.array([index[c] for c in table["label"]], dtype=np.int64), source
+
+
+def training_photos(run_dir: Path) -> list[str]:
+    """Every photo a model of the run trained on: the 'train' rows of the split.csv of the run and of each
+    member's folder (a --folds run's fold models, whose training folds together hold all its photos)."""
+    folders = {Path(run_dir), *(p.parent for p in member_paths(run_dir))}
+    splits = [read_split(folder) for folder in sorted(folders)]
+    return sorted({p for split in splits if split is not None for p in split.loc[split["subset"] == "train", "path"]})
+
+
+def _resolved(path: str) -> str:
+    return str(Path(path).resolve())
+
+
+def same_photos(candidates: Sequence[str], training: Sequence[str]) -> list[str]:
+    """The `candidates` that are training photos: the same file (after links), or a copy of one (same bytes;
+    only files of equal size are hashed)."""
+    trained = {_resolved(p) for p in training}
+    sizes: dict[int, list[str]] = {}
+    for p in training:
+        if Path(p).is_file():
+            sizes.setdefault(Path(p).stat().st_size, []).append(p)
+    found = []
+    for p in candidates:
+        size = Path(p).stat().st_size if Path(p).is_file() else None
+        if _resolved(p) in trained or any(sha256_file(p) == sha256_file(t) for t in sizes.get(size, [])):
+            found.append(p)
+    return found
 
 
 def calibration_photos(run_dir: Path, n: int) -> list[str]:
@@ -198,7 +245,8 @@ def measure_parity(reference: Callable[[np.ndarray], np.ndarray], candidate: Cal
                    paths: Sequence[str], labels: np.ndarray, pre: Preprocessing, max_pixels: int,
                    batch_size: int = 32) -> dict:
     """Agreement of `candidate` with `reference` (preprocessed batch -> logits), one view, on labelled photos:
-    top-1 agreement, macro-F1 of each on the labels and the difference, max |probability difference|."""
+    top-1 agreement, macro-F1 of each on the labels and the difference, max |probability difference|, and a
+    `warning` when fewer than PARITY_PHOTOS could be read (ExportError below PARITY_MIN_PHOTOS)."""
     ref, new, kept = [], [], []
     for indices, x, _ in iter_batches(paths, pre, max_pixels, batch_size):
         if x is None:
@@ -206,13 +254,19 @@ def measure_parity(reference: Callable[[np.ndarray], np.ndarray], candidate: Cal
         ref.append(softmax(np.asarray(reference(x), dtype=np.float64)))
         new.append(softmax(np.asarray(candidate(x), dtype=np.float64)))
         kept += indices
-    if not kept:
-        raise ExportError("none of the parity photos could be read")
+    if len(kept) < PARITY_MIN_PHOTOS:
+        raise ExportError(f"only {len(kept)} of the {len(paths)} parity photos could be read; parity with fp32 needs "
+                          f"at least {PARITY_MIN_PHOTOS}: give --parity-data FOLDER")
     ref, new, y = np.concatenate(ref), np.concatenate(new), labels[kept]
     f1_ref, f1_new = macro_f1(y, ref.argmax(1)), macro_f1(y, new.argmax(1))
-    return {"n": len(kept), "top1_agreement": float((ref.argmax(1) == new.argmax(1)).mean()),
-            "macro_f1_fp32": f1_ref, "macro_f1": f1_new, "macro_f1_diff": f1_new - f1_ref,
-            "max_prob_diff": float(np.abs(ref - new).max())}
+    parity = {"n": len(kept), "top1_agreement": float((ref.argmax(1) == new.argmax(1)).mean()),
+              "macro_f1_fp32": f1_ref, "macro_f1": f1_new, "macro_f1_diff": f1_new - f1_ref,
+              "max_prob_diff": float(np.abs(ref - new).max())}
+    if len(kept) < PARITY_PHOTOS:
+        parity["warning"] = (f"parity measured on only {len(kept)} held-out photos (fewer than {PARITY_PHOTOS}): one "
+                             f"photo moves top-1 agreement by {1 / len(kept):.1%}; give --parity-data FOLDER with "
+                             f"{PARITY_PHOTOS} or more photos the run never trained on")
+    return parity
 
 
 def export_low_precision(run_dir: Path, fmt: str, out_dir: Path, opset: int, tolerance: float,

@@ -13,12 +13,19 @@ from .atomic import atomic_write, write_csv, write_json
 
 
 def macro_f1(y_true, y_pred) -> float:
-    """Unweighted mean of per-class F1 over the classes present in `y_true` or `y_pred` (scikit-learn's
-    default), so a class predicted but never present still counts against the score."""
+    """Unweighted mean of per-class F1 over the classes with at least one photo in `y_true` (the one rule of
+    pomona's macro-F1): a class without photos here has no F1 (the per-class table says n/a) and is not averaged
+    as a 0, while predicting it for a photo of another class still costs that class its recall."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if len(y_true) == 0:
         return float("nan")
-    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
+    return float(f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0))
+
+
+def macro_f1_over(y_true, classes: Sequence[str]) -> str:
+    """What `macro_f1` averaged over, in words for metrics.json and the evaluation table."""
+    present = [classes[i] for i in np.unique(np.asarray(y_true, dtype=np.int64))]
+    return f"the {len(present)} classes with photos here: [{', '.join(present)}]"
 
 
 def accuracy(y_true, y_pred) -> float:
@@ -95,7 +102,8 @@ def compute_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes: Seque
     per_class = {c: {"precision": float(p[i]), "recall": float(r[i]) if s[i] else None,
                      "f1": float(f[i]) if s[i] else None, "support": int(s[i])} for i, c in enumerate(classes)}
     lo, hi = bootstrap_ci(y_true, y_pred, n_boot, seed, groups=groups)
-    return {"macro_f1": macro_f1(y_true, y_pred), "macro_f1_ci95": [lo, hi], "accuracy": accuracy(y_true, y_pred),
+    return {"macro_f1": macro_f1(y_true, y_pred), "macro_f1_ci95": [lo, hi],
+            "macro_f1_over": macro_f1_over(y_true, classes), "accuracy": accuracy(y_true, y_pred),
             "n": int(len(y_true)), "per_class": per_class, "classes": list(classes),
             "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist()}
 
@@ -164,7 +172,13 @@ def format_metrics(metrics: dict) -> str:
     lo, hi = metrics["macro_f1_ci95"]
     lines.append(f"macro-F1 {metrics['macro_f1']:.3f} (95% CI {lo:.3f}-{hi:.3f})  accuracy "
                  f"{metrics['accuracy']:.3f}  n={metrics['n']}")
+    if "macro_f1_over" in metrics:
+        lines.append(f"macro-F1 over {metrics['macro_f1_over']}")
+    if metrics.get("ece") is not None:
+        lines.append(f"expected calibration error {metrics['ece']:.3f} (of the probabilities scored here, "
+                     f"{metrics.get('ece_bins', 15)} bins)")
     missing = missing_classes(metrics)
     if missing:
-        lines.append(f"warning: no photos of {', '.join(missing)} here: their recall and F1 are n/a")
+        lines.append(f"warning: no photos of {', '.join(missing)} here: their recall and F1 are n/a, "
+                     "and macro-F1 is the mean over the other classes")
     return "\n".join(lines)

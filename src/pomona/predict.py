@@ -17,13 +17,13 @@ from .checkpoint import LoadedRun
 from .engine import Predictions
 from .images import IMAGE_EXTENSIONS
 from .index import DataLayoutError
-from .metrics import compute_metrics
+from .metrics import compute_metrics, expected_calibration_error
 
 
 def expand_photos(patterns: Sequence[str], folder: str | None = None) -> list[str]:
     """The photos named on a command line, in order: files as given, shell-style patterns ("photos/*.jpg",
-    "**/*.png") expanded and sorted, and every image below `folder`. A missing file or a pattern that matches
-    nothing raises DataLayoutError."""
+    "**/*.png") expanded and sorted, and every image below a folder (given among the patterns, or as `folder`).
+    A missing file, a pattern that matches nothing or a folder without photos raises DataLayoutError."""
     paths: list[str] = []
     for pattern in patterns:
         if glob.has_magic(pattern):
@@ -33,13 +33,24 @@ def expand_photos(patterns: Sequence[str], folder: str | None = None) -> list[st
             paths += found
         elif Path(pattern).is_file():
             paths.append(pattern)
+        elif Path(pattern).is_dir():
+            paths += folder_photos(pattern)
         else:
             raise DataLayoutError(f"photo not found: {pattern}")
     if folder:
         if not Path(folder).is_dir():
             raise DataLayoutError(f"folder not found: {folder}")
-        paths += sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        paths += folder_photos(folder)
     return paths
+
+
+def folder_photos(folder: str | Path) -> list[str]:
+    """The image files below `folder` (sub-folders too), sorted; DataLayoutError when there is none."""
+    found = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not found:
+        raise DataLayoutError(f"no photos in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)} files, sub-folders "
+                              "too)")
+    return found
 
 
 def predictions_json(preds: Predictions, k: int = 3, min_confidence: float = 0.0) -> list[dict]:
@@ -95,5 +106,10 @@ def score_table(run: LoadedRun, table: pd.DataFrame, n_boot: int = 2000) -> tupl
     y_true = np.array([index[c] for c in frame.loc[ok, "true_label"]], dtype=np.int64)
     y_pred = np.array([index[c] for c in frame.loc[ok, "label"]], dtype=np.int64)
     metrics = compute_metrics(y_true, y_pred, run.classes, n_boot=n_boot)
+    # the calibration of exactly what was scored (the run's temperature, members and views): an ensemble's own ECE
+    members = len(run.info.get("members") or [1])
+    metrics.update(ece=expected_calibration_error(preds.probs[ok.to_numpy()], y_true), ece_bins=15,
+                   ece_of=f"the probabilities scored here (temperature {run.info.get('temperature', 1.0):g}, "
+                          f"{members} member(s), views {list(run.views)}, engine {run.engine_name})")
     metrics["skipped_images"] = preds.bad
     return metrics, frame

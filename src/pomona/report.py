@@ -1,9 +1,10 @@
 """`report.html`: one self-contained page per run folder (images embedded), openable offline.
 
-Sections: a summary (model, image size, date, scores), config, data summary, training curves (best and unfreeze
-epochs marked), confusion matrix, per-class F1 ("n/a" for a class without validation photos), the worst
-misclassified validation photos with their top-3, skipped bad images, and for a `pomona tune` folder the best
-trial and Optuna's plots (`plots/*.png`).
+It opens on the results: a summary (model, image size, date, scores), the confusion matrix, per-class F1 ("n/a"
+for a class without validation photos) and the worst misclassified photos with their top-3; then training curves
+(kept and unfreeze epochs marked), the data summary, the configuration (collapsed, only the settings that differ
+from the defaults), skipped bad images, and for a `pomona tune` folder the best trial and Optuna's plots
+(`plots/*.png`).
 """
 
 from __future__ import annotations
@@ -158,8 +159,10 @@ def worst_misclassified(predictions: pd.DataFrame, n: int = 12) -> pd.DataFrame:
     return wrong.sort_values("probability", ascending=False).head(n)
 
 
-def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title: str | None = None) -> Path:
-    """Write `run_dir/report.html` from the files of a run (and its evaluation folder, default run_dir/eval)."""
+def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title: str | None = None,
+                 out: str | Path | None = None) -> Path:
+    """Write `out` (default `run_dir/report.html`) from the files of a run and of an evaluation folder (default
+    run_dir/eval)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a pomona run folder (no config.json)")
@@ -173,10 +176,34 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
     config = _read_json(run_dir / "config.json") or {}
     section("summary", "Summary", _summary(run_dir, config, metrics))
 
-    rows = [[f"{section_name}.{k}", v] for section_name, values in config.items() if isinstance(values, dict)
-            for k, v in values.items()] + [[k, v] for k, v in config.items() if not isinstance(v, dict)]
-    section("config", "Config", f"<details><summary>{len(rows)} settings</summary>"
-            + _table(rows, ["setting", "value"]) + "</details>")
+    if metrics:
+        cm = eval_dir / "confusion_matrix.png"
+        if cm.is_file():
+            section("confusion", "Confusion matrix", f'<img class="plot" alt="confusion matrix" src="{_file_uri(cm)}">')
+        pc = metrics["per_class"]
+        missing = missing_classes(metrics)
+        warning = (f'<p class="bad">Warning: no validation photos of {html.escape(", ".join(missing))}: their recall '
+                   "and F1 are not defined (n/a), not zero.</p>" if missing else "")
+        section("per-class", "Per-class F1", warning
+                + f'<img class="plot" alt="per-class F1" src="{plot_per_class_f1(pc)}">'
+                + _table([[c, f"{m['precision']:.3f}", fmt_score(m["recall"]), fmt_score(m["f1"]), m["support"]]
+                          for c, m in pc.items()], ["class", "precision", "recall", "F1", "n"]))
+
+    if (eval_dir / "predictions.csv").is_file():
+        preds = pd.read_csv(eval_dir / "predictions.csv", keep_default_na=False)
+        cards = []
+        if "true_label" in preds:
+            for r in worst_misclassified(preds).itertuples():
+                uri = _thumbnail(r.path)
+                top = [(r.label, r.probability)] + [(getattr(r, f"label_{i}"), getattr(r, f"probability_{i}"))
+                                                   for i in (2, 3) if hasattr(r, f"label_{i}")]
+                tops = "<br>".join(f"{html.escape(str(c))} {float(p):.0%}" for c, p in top if c != "")
+                img = f'<img alt="{html.escape(Path(r.path).name)}" src="{uri}">' if uri else ""
+                cards.append(f'<div class="card">{img}'
+                             f"<div><b>true: {html.escape(r.true_label)}</b><br>{tops}<br>"
+                             f"<small>{html.escape(Path(r.path).name)}</small></div></div>")
+        body = f'<div class="gallery">{"".join(cards)}</div>' if cards else "<p>No misclassified images.</p>"
+        section("worst", "Worst misclassified images", body)
 
     if (run_dir / "split.csv").is_file():
         split = pd.read_csv(run_dir / "split.csv", dtype=str, keep_default_na=False)
@@ -206,34 +233,11 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
                 + (f"; backbone unfrozen from epoch {unfrozen + 1}" if unfrozen is not None else "")
                 + f"; {history['elapsed_seconds'].iloc[-1]:.0f} s in all.</p>")
 
-    if metrics:
-        cm = eval_dir / "confusion_matrix.png"
-        if cm.is_file():
-            section("confusion", "Confusion matrix", f'<img class="plot" alt="confusion matrix" src="{_file_uri(cm)}">')
-        pc = metrics["per_class"]
-        missing = missing_classes(metrics)
-        warning = (f'<p class="bad">Warning: no validation photos of {html.escape(", ".join(missing))}: their recall '
-                   "and F1 are not defined (n/a), not zero.</p>" if missing else "")
-        section("per-class", "Per-class F1", warning
-                + f'<img class="plot" alt="per-class F1" src="{plot_per_class_f1(pc)}">'
-                + _table([[c, f"{m['precision']:.3f}", fmt_score(m["recall"]), fmt_score(m["f1"]), m["support"]]
-                          for c, m in pc.items()], ["class", "precision", "recall", "F1", "n"]))
-
-    if (eval_dir / "predictions.csv").is_file():
-        preds = pd.read_csv(eval_dir / "predictions.csv", keep_default_na=False)
-        cards = []
-        if "true_label" in preds:
-            for r in worst_misclassified(preds).itertuples():
-                uri = _thumbnail(r.path)
-                top = [(r.label, r.probability)] + [(getattr(r, f"label_{i}"), getattr(r, f"probability_{i}"))
-                                                   for i in (2, 3) if hasattr(r, f"label_{i}")]
-                tops = "<br>".join(f"{html.escape(str(c))} {float(p):.0%}" for c, p in top if c != "")
-                img = f'<img alt="{html.escape(Path(r.path).name)}" src="{uri}">' if uri else ""
-                cards.append(f'<div class="card">{img}'
-                             f"<div><b>true: {html.escape(r.true_label)}</b><br>{tops}<br>"
-                             f"<small>{html.escape(Path(r.path).name)}</small></div></div>")
-        body = f'<div class="gallery">{"".join(cards)}</div>' if cards else "<p>No misclassified images.</p>"
-        section("worst", "Worst misclassified validation images", body)
+    changed, total = config_changes(config)
+    section("config", "Configuration",
+            f"<details><summary>{len(changed)} of {total} settings differ from the defaults (all of them: "
+            "config.json)</summary>" + (_table(changed, ["setting", "value", "default"]) if changed else
+                                         "<p>Every setting is at its default.</p>") + "</details>")
 
     bad = _read_json(run_dir / "bad_images.json") or {}
     if bad or (run_dir / "bad_images.json").is_file():
@@ -256,7 +260,24 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{_CSS}</style></head>"
             f"<body><header><h1>{html.escape(name)}</h1><p>{html.escape(str(run_dir))}</p></header>"
             f"<main>{''.join(parts)}</main></body></html>")
-    return write_text(run_dir / "report.html", page)
+    return write_text(Path(out) if out else run_dir / "report.html", page)
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in values.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def config_changes(config: dict) -> tuple[list[list], int]:
+    """The settings of a run's config.json that differ from `pomona.config.Config()`'s, as [setting, value,
+    default] rows, and how many settings there are in all."""
+    from .config import Config
+
+    given, default = _flat(config), _flat(Config().to_dict())
+    rows = [[k, v, default.get(k, "")] for k, v in given.items() if k not in default or default[k] != v]
+    return rows, len(given)
 
 
 def _read_json(path: Path) -> dict | None:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import write_csv
-from .checkpoint import load_run
+from .checkpoint import keeping_run_parts, load_run
 from .data import DataBundle
 from .errors import PomonaError
 from .images import IMAGE_EXTENSIONS
@@ -69,10 +69,12 @@ def add_pseudo_labels(bundle: DataBundle, pseudo: pd.DataFrame) -> DataBundle:
 def self_train(train: Callable[[DataBundle, Path], object], bundle: DataBundle, unlabeled: list[str],
                run_dir: Path, threshold: float, rounds: int = 1, device: str = "auto"):
     """Train a teacher into `run_dir/teacher` (with `train(bundle, folder)`), then `rounds` students, the last
-    into `run_dir` itself; returns the last student's training result."""
+    into `run_dir` itself; returns the last student's training result. The teacher and earlier students are part
+    of the run: training the last student into `run_dir` (which clears an earlier run's files there) keeps them."""
     caps = bundle.subset("train")["label"].value_counts().to_dict()
     teacher_dir, kept = run_dir / "teacher", []
     result = train(bundle, teacher_dir)
+    made = [teacher_dir]
     for r in range(1, rounds + 1):
         probs = load_run(teacher_dir, device=device).predict(unlabeled).probs
         pseudo = select_pseudo_labels(unlabeled, probs, bundle.classes, caps, threshold).assign(round=r)
@@ -81,7 +83,9 @@ def self_train(train: Callable[[DataBundle, Path], object], bundle: DataBundle, 
         write(f"self-training round {r}: {len(pseudo)} of {len(unlabeled)} unlabelled photos kept "
               f"(probability >= {threshold}): {counts}")
         student_dir = run_dir if r == rounds else run_dir / f"student-{r}"
-        result = train(add_pseudo_labels(bundle, pseudo), student_dir)
+        with keeping_run_parts(*made):
+            result = train(add_pseudo_labels(bundle, pseudo), student_dir)
         teacher_dir = student_dir
+        made.append(student_dir)
     write_csv(run_dir / PSEUDO_LABELS, pd.concat(kept, ignore_index=True))
     return result

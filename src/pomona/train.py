@@ -49,6 +49,7 @@ from .distributed import SINGLE, DistContext
 from .errors import PomonaError
 from .metrics import accuracy, macro_f1
 from .model import AppleNet, create_model, resolve_device
+from .plan import EtaAfterFirstBatches, describe_plan
 from .preprocessing import Preprocessing, create_eval_transform, create_train_transform, resolve_preprocessing
 from .progress import Progress, write
 from .tta import average_probs, views_for
@@ -241,14 +242,16 @@ def freeze_batch_norm(module: nn.Module) -> None:
 def train_one_epoch(model: AppleNet, loader: DataLoader, optimizer, scheduler, loss_fn: nn.Module,
                     device: torch.device, backbone_frozen: bool, channels_last: bool = True,
                     desc: str = "train", ema=None, ddp: nn.Module | None = None, freeze_bn: bool = False,
-                    amp: torch.dtype | None = None, compiled: nn.Module | None = None) -> dict:
+                    amp: torch.dtype | None = None, compiled: nn.Module | None = None,
+                    on_step: Callable[[int], None] | None = None) -> dict:
     """One pass over `loader`; a frozen backbone stays in eval mode (its batch-norm statistics are kept), and so
     do the batch-norm layers of a fine-tuned one with `freeze_bn`.
 
     `ddp` is the DistributedDataParallel wrapper of `model` when training runs in several processes; `amp` the
     autocast dtype of the forward pass and loss (None = full precision); `compiled` the torch.compile'd module
     to call instead (of `model`, or of `ddp`). The loss is summed on the device and read every `LOSS_EVERY`
-    steps, so the host does not wait for the device after every step.
+    steps, so the host does not wait for the device after every step. `on_step(step)` is called after each step
+    (e.g. `plan.EtaAfterFirstBatches`).
     """
     forward = compiled if compiled is not None else ddp if ddp is not None else model
     model.train()
@@ -273,6 +276,8 @@ def train_one_epoch(model: AppleNet, loader: DataLoader, optimizer, scheduler, l
         seen += len(y)
         if step % LOSS_EVERY == 0:
             bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}")
+        if on_step is not None:
+            on_step(step)
     total_loss = total_loss.item()
     seconds = time.perf_counter() - start
     return {"train_loss": total_loss / max(seen, 1), "train_seconds": seconds,
@@ -381,9 +386,10 @@ def fit(model: AppleNet, loader: DataLoader, validate_fn: Callable[[nn.Module], 
             ddp, ddp_frozen, compiled = _wrap_ddp(model, device), frozen, None
         if t.compile and compiled is None:
             compiled = torch.compile(ddp if ddp is not None else model)
+        eta = EtaAfterFirstBatches(len(loader), t.epochs - epoch, say) if epoch == first_epoch else None
         metrics = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, device, frozen, channels_last,
                                   desc=f"epoch {epoch + 1}/{t.epochs}", ema=ema, ddp=ddp, freeze_bn=t.freeze_bn,
-                                  amp=amp, compiled=compiled)
+                                  amp=amp, compiled=compiled, on_step=eta)
         if dist.enabled:  # every rank's throughput adds up; the loss is averaged over ranks
             gathered = dist.all_gather((metrics["train_loss"], metrics["train_images_per_s"]))
             metrics["train_loss"] = float(np.mean([g[0] for g in gathered]))
@@ -570,6 +576,8 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
     device_augment = use_device_augment(cfg, device)
     bundle, images, balance_info = prepare_training_data(cfg, bundle, pre, run_dir, balance=not resume,
                                                          write_info=False, dist=dist, store=device_augment)
+    if dist.is_main:
+        write(describe_plan(bundle, cfg, device))
     bad = dict(images.bad)
     if dist.is_main:  # everything checked: only now is the run folder touched
         if resume:

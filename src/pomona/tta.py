@@ -7,9 +7,11 @@ last two axes). Training's validation, `predict` (PyTorch and ONNX Runtime), the
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, get_args
 
-VIEWS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270")
+from .config import View
+
+VIEWS: tuple[str, ...] = get_args(View)
 """Every view `apply_view` knows: the image, its left-right and top-bottom flips, its quarter turns."""
 FLIP = ("identity", "hflip")
 """The default test-time augmentation: the image and its left-right flip."""
@@ -22,8 +24,9 @@ def views_for(tta: bool | Sequence[str]) -> tuple[str, ...]:
     if tta is False or tta is None:
         return ("identity",)
     unknown = [v for v in tta if v not in VIEWS]
-    if unknown:
-        raise ValueError(f"unknown test-time views {unknown}; known: {', '.join(VIEWS)}")
+    if unknown or not len(tta):
+        raise ValueError(f"unknown test-time views {unknown}; known: {', '.join(VIEWS)}" if unknown else
+                         "no test-time views given; the image alone is ['identity']")
     return tuple(tta)
 
 
