@@ -47,7 +47,8 @@ from common import print_table  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery-apples"
 MODELS = {"lite0": "tf_efficientnet_lite0", "lite2": "tf_efficientnet_lite2"}
-PHOTOMETRIC = {"brightness": 0.2, "contrast": 0.2, "gamma": 0.2, "white_balance": 0.03, "blur": 0.3, "noise": 0.02}
+PHOTOMETRIC = {"colour_jitter": 0.2, "photometric": 0.8, "white_balance": 0.03, "blur": 0.3, "noise": 0.3}
+"""The colour settings of the "+ photometric" rows (both paths: one `augment.AugmentSpec`)."""
 
 
 def base_config(data: Path, img_size: int, batch_size: int, device: str):
@@ -187,20 +188,17 @@ def run_cpu(args) -> list[dict]:
     decode_store = time.perf_counter() - start
     n_train = len(bundle.subset("train"))
     for label, extra in (("geometric (default recipe)", {}), ("geometric + photometric", "photometric")):
-        cpu_cfg = merge(cfg, {"data": {"num_workers": args.workers},
-                              "train": {"colour_jitter": 0.2} if extra else {}})
+        cpu_cfg = merge(cfg, {"data": {"num_workers": args.workers}, "train": PHOTOMETRIC if extra else {}})
         print(f"loader path, {label} ...", flush=True)
         loader, _ = create_loaders(bundle, cache, pre, cpu_cfg)
         old = _iterate(loader, args.epochs)
-        dev_cfg = merge(cfg, {"train": {"device_augment": "on"}})
-        if extra:
-            for k, v in PHOTOMETRIC.items():  # the photometric settings of the recipe, where it has them
-                setattr(dev_cfg.train, k, v)
+        dev_cfg = merge(cfg, {"train": {"device_augment": "on", **(PHOTOMETRIC if extra else {})}})
         print(f"device path on the CPU, {label} ...", flush=True)
         dev_loader, _ = create_device_loaders(bundle, store, pre, dev_cfg, torch.device("cpu"))
         new = _iterate(dev_loader, args.epochs)
         rows.append({"row": f"loader path: per-photo torchvision, {args.workers} workers; {label}"
-                            + ("; colour jitter 0.2" if extra else ""), "img_s": old})
+                            + ("; " + ", ".join(f"{k} {v}" for k, v in PHOTOMETRIC.items()) if extra else ""),
+                     "img_s": old})
         rows.append({"row": f"device path on the CPU: ImageStore + batch_augment; {label}"
                             + ("; " + ", ".join(f"{k} {v}" for k, v in PHOTOMETRIC.items()) if extra else ""),
                      "img_s": new, "vs_loader_path": new / old})

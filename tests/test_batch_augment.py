@@ -1,9 +1,11 @@
 """The device path of training on the CPU: batched augmentation (shapes, ranges, seeds, flips and crops doing what
-they say, rotation like torchvision's, photometric operations keeping hue), the uint8 image store, and training
-through them."""
+they say, rotation like torchvision's, colour operations keeping hue), every field of the one augmentation spec
+done alike by both paths (or refused by name), the uint8 image store, and training through them."""
 
 import colorsys
 import json
+from dataclasses import dataclass, fields, replace
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -12,18 +14,20 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 
-from pomona.batch_augment import (BatchAugment, BatchTransform, augment_batch, center_crop, from_train_config,
-                                  photometric, sample_crops, sampling_grid)
+from pomona.augment import CROP_RATIO, AugmentError, AugmentSpec, augment_spec, colour, flag
+from pomona.batch_augment import (DEVICE_UNSUPPORTED, BatchTransform, augment_batch, center_crop, sample_crops,
+                                  sampling_grid)
 from pomona.config import TrainConfig
 from pomona.datasets import DecodedImages, ImageStore
+from pomona.errors import PomonaError
 from pomona.images import image_size, load_image
-from pomona.preprocessing import Preprocessing, create_eval_transform
+from pomona.preprocessing import Preprocessing, create_eval_transform, create_train_transform, normalization
 from pomona.train import train_and_evaluate
 
 from conftest import GROCERY, tiny_config
 
 PRE = Preprocessing(input_size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-PLAIN = dict(crop_scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, vflip=0.0)
+PLAIN = AugmentSpec()  # every operation off: the whole (square) image
 
 
 def _coordinates(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +42,9 @@ def test_shapes_ranges_dtype_and_memory_format():
     images, sizes = _coordinates(5, 96)
     images[2:, :, 80:, :] = 0  # smaller images in the same canvas: 80 x 96
     sizes[2:] = torch.tensor([80, 96])
-    spec = BatchAugment(64, rotate=30, rot90=0.5, elastic=20, brightness=0.3, contrast=0.3, gamma=0.3,
-                        white_balance=0.05, blur=0.5, noise=0.05)
-    x = augment_batch(images, sizes, spec, torch.Generator().manual_seed(0))
+    spec = AugmentSpec(crop_scale=0.35, hflip=0.5, rotate=30, rot90=0.5, elastic=20, colour_jitter=0.3,
+                       photometric=0.5, white_balance=0.05, blur=0.5, noise=0.5, random_erasing=0.5)
+    x = augment_batch(images, sizes, 64, spec, torch.Generator().manual_seed(0))
     assert x.shape == (5, 3, 64, 64) and x.dtype == torch.float32
     assert 0 <= x.min() and x.max() <= 1
     out = BatchTransform(PRE, spec).train(images, sizes, torch.Generator().manual_seed(0))
@@ -53,36 +57,38 @@ def test_shapes_ranges_dtype_and_memory_format():
 
 def test_a_seed_gives_the_same_batch():
     images, sizes = _coordinates(4, 80)
-    spec = BatchAugment(64, rotate=30, rot90=0.5, brightness=0.2, blur=0.5, noise=0.05)
-    a = augment_batch(images, sizes, spec, torch.Generator().manual_seed(3))
-    b = augment_batch(images, sizes, spec, torch.Generator().manual_seed(3))
-    c = augment_batch(images, sizes, spec, torch.Generator().manual_seed(4))
+    spec = AugmentSpec(crop_scale=0.35, rotate=30, rot90=0.5, colour_jitter=0.2, blur=0.5, noise=0.5,
+                       random_erasing=0.5)
+    transform = BatchTransform(PRE, spec)
+    a = transform.train(images, sizes, torch.Generator().manual_seed(3))
+    b = transform.train(images, sizes, torch.Generator().manual_seed(3))
+    c = transform.train(images, sizes, torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
     torch.manual_seed(5)  # without a generator: the default one (what train.fit seeds every epoch)
-    d = augment_batch(images, sizes, spec)
+    d = transform.train(images, sizes)
     torch.manual_seed(5)
-    assert torch.equal(d, augment_batch(images, sizes, spec))
+    assert torch.equal(d, transform.train(images, sizes))
 
 
 def test_flips_do_what_they_say():
     images, sizes = _coordinates(2, 64)
     expected = images.float() / 255
-    plain = augment_batch(images, sizes, BatchAugment(64, **PLAIN))
+    plain = augment_batch(images, sizes, 64, PLAIN)
     assert torch.allclose(plain, expected, atol=1e-5)  # whole image at its own size: the pixels themselves
-    h = augment_batch(images, sizes, BatchAugment(64, **{**PLAIN, "hflip": 1.0}))
+    h = augment_batch(images, sizes, 64, replace(PLAIN, hflip=1.0))
     assert torch.allclose(h, expected.flip(-1), atol=1e-5)
-    v = augment_batch(images, sizes, BatchAugment(64, **{**PLAIN, "vflip": 1.0}))
+    v = augment_batch(images, sizes, 64, replace(PLAIN, vflip=1.0))
     assert torch.allclose(v, expected.flip(-2), atol=1e-5)
-    q = augment_batch(images, sizes, BatchAugment(64, **PLAIN, rot90=1.0), torch.Generator().manual_seed(0))
+    q = augment_batch(images, sizes, 64, replace(PLAIN, rot90=1.0), torch.Generator().manual_seed(0))
     turns = [expected[i].rot90(k, (-2, -1)) for i in range(2) for k in (1, 2, 3)]
     assert all(any(torch.allclose(q[i], t, atol=1e-5) for t in turns[3 * i:3 * i + 3]) for i in range(2))
 
 
 def test_crops_cut_the_box_they_draw_and_follow_torchvision_statistics():
     images, sizes = _coordinates(64, 200)
-    spec = BatchAugment(50, crop_scale=(0.1, 0.5), hflip=0.0, vflip=0.0)
-    boxes = sample_crops(sizes, spec.crop_scale, spec.ratio, torch.Generator().manual_seed(1))
-    x = augment_batch(images, sizes, spec, torch.Generator().manual_seed(1)) * 255  # the same draws
+    spec = AugmentSpec(crop_scale=0.1)
+    boxes = sample_crops(sizes, (0.1, 1.0), CROP_RATIO, torch.Generator().manual_seed(1))
+    x = augment_batch(images, sizes, 50, spec, torch.Generator().manual_seed(1)) * 255  # the same draws
     top, left, h, w = boxes.T.float()
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 200).all() and (left + w <= 200).all()
     # red = column, green = row: the first and last output pixel centres sit half an output pixel inside the box
@@ -106,7 +112,7 @@ def test_crops_cut_the_box_they_draw_and_follow_torchvision_statistics():
 
 
 def test_rotation_fills_black_as_torchvision_does():
-    grid, mask = sampling_grid(torch.tensor([[128, 128]] * 400), (128, 128), BatchAugment(32, rotate=30),
+    grid, mask = sampling_grid(torch.tensor([[128, 128]] * 400), (128, 128), 32, AugmentSpec(rotate=30),
                                torch.Generator().manual_seed(0))
     white = torch.full((3, 32, 32), 255, dtype=torch.uint8)
     torch.manual_seed(0)
@@ -122,15 +128,15 @@ def _hue_diff(a: float, b: float) -> float:
     return abs((a - b + 180) % 360 - 180)
 
 
-@pytest.mark.parametrize("op", ["brightness", "contrast", "gamma", "blur", "noise"])
-def test_photometric_operations_keep_hue(op):
+@pytest.mark.parametrize("op", ["colour_jitter", "photometric", "blur", "noise"])
+def test_colour_operations_keep_hue(op):
     colours = [(0.7, 0.2, 0.2), (0.3, 0.6, 0.2), (0.6, 0.55, 0.15), (0.5, 0.3, 0.45)]  # red, green, gold, pink
     x = torch.zeros(8, 3, 32, 32)
     for i, c in enumerate(colours * 2):
         x[i] = torch.tensor(c)[:, None, None]
         x[i, :, 24:, 24:] = 0.5  # a grey corner, so that contrast has a mean to move towards
-    strength = {"brightness": 0.3, "contrast": 0.4, "gamma": 0.4, "blur": 1.0, "noise": 0.03}[op]
-    y = photometric(x.clone(), BatchAugment(32, **{op: strength}), torch.Generator().manual_seed(0))
+    strength = {"colour_jitter": 0.4, "photometric": 1.0, "blur": 1.0, "noise": 1.0}[op]
+    y = colour(x.clone(), AugmentSpec(**{op: strength}), torch.Generator().manual_seed(0))
     assert not torch.allclose(x, y)  # something happened
     for i, c in enumerate(colours * 2):
         centre = y[i, :, 4:16, 4:16].mean((1, 2))  # the patch, away from the grey corner
@@ -139,20 +145,208 @@ def test_photometric_operations_keep_hue(op):
 
 def test_white_balance_moves_hue_only_slightly_and_keeps_grey_level():
     x = torch.tensor([0.7, 0.2, 0.2])[None, :, None, None].expand(16, 3, 8, 8).clone()
-    y = photometric(x, BatchAugment(8, white_balance=0.05), torch.Generator().manual_seed(0))
+    y = colour(x, AugmentSpec(white_balance=0.05), torch.Generator().manual_seed(0))
     hues = [_hue(y[i, :, 0, 0]) for i in range(16)]
     assert max(_hue_diff(h, _hue((0.7, 0.2, 0.2))) for h in hues) < 4
-    grey = photometric(torch.full((4, 3, 8, 8), 0.5), BatchAugment(8, white_balance=0.05))
+    grey = colour(torch.full((4, 3, 8, 8), 0.5), AugmentSpec(white_balance=0.05))
     luma = 0.2989 * grey[:, 0] + 0.587 * grey[:, 1] + 0.114 * grey[:, 2]
     assert torch.allclose(luma, torch.full_like(luma, 0.5), atol=1e-3)
 
 
-def test_from_train_config_reads_the_recipe():
-    t = TrainConfig(crop_scale=0.5, hflip=0.2, vflip=0.0, rotate=10, rot90=0.25, elastic=0.0, colour_jitter=0.1)
-    spec = from_train_config(PRE, t)
-    assert (spec.size, spec.crop_scale, spec.hflip, spec.vflip, spec.rotate, spec.rot90) == \
-        (64, (0.5, 1.0), 0.2, 0.0, 10.0, 0.25)
-    assert spec.brightness == spec.contrast == 0.1 and spec.gamma == 0.0
+# ------------------------------------------------------------------ one spec, two paths: every field, both paths
+def test_augment_spec_reads_every_field_from_the_settings_and_checks_values():
+    assert augment_spec(TrainConfig(augment=False)) is None
+    default = augment_spec(TrainConfig())
+    for f in fields(AugmentSpec):
+        other = 0.25 if getattr(default, f.name) != 0.25 else 0.5
+        spec = augment_spec(replace(TrainConfig(), **{f.name: other}))  # a TrainConfig field of the same name
+        assert getattr(spec, f.name) == other, f.name
+        assert f.metadata["kind"] in ("probability", "strength") and f.metadata["doc"], f.name
+    probabilities = [f.name for f in fields(AugmentSpec) if f.metadata["kind"] == "probability"]
+    assert {"hflip", "vflip", "rot90", "jpeg", "photometric", "blur", "noise", "random_erasing"} == set(probabilities)
+    for name in probabilities:
+        with pytest.raises(PomonaError, match=flag(name)):
+            AugmentSpec(**{name: 1.5})
+    with pytest.raises(PomonaError, match="--crop-scale"):
+        AugmentSpec(crop_scale=0.0)
+    with pytest.raises(PomonaError, match="--rotate"):
+        AugmentSpec(rotate=-1.0)
+
+
+SIDE = 96
+"""The test image: red = column, green = row (ramps), blue = 6-pixel checks (something to blur); square, so that
+the crop of a spec with every operation off is the whole image on both paths."""
+
+
+def _test_image() -> torch.Tensor:
+    r = torch.arange(SIDE, dtype=torch.float32) * 255 / (SIDE - 1)
+    rows, cols = torch.meshgrid(torch.arange(SIDE), torch.arange(SIDE), indexing="ij")
+    checks = 64 + 128 * ((rows // 6 + cols // 6) % 2).float()
+    return torch.stack([r[None, :].expand(SIDE, SIDE), r[:, None].expand(SIDE, SIDE), checks]).round().to(torch.uint8)
+
+
+def cpu_path(spec: AugmentSpec, draws: int) -> torch.Tensor:
+    """`draws` outputs (normalised, draws x 3 x 64 x 64) of the loader path's transform of the test image."""
+    transform = create_train_transform(PRE, spec)
+    image = _test_image()
+    torch.manual_seed(0)
+    return torch.stack([transform(image) for _ in range(draws)])
+
+
+def device_path(spec: AugmentSpec, draws: int, device: str = "cpu") -> torch.Tensor:
+    """The same from the device path: one batch of `draws` copies of the test image on `device`."""
+    images = _test_image()[None].expand(draws, 3, SIDE, SIDE).contiguous().to(device)
+    sizes = torch.tensor([[SIDE, SIDE]] * draws)
+    out = BatchTransform(PRE, spec, channels_last=False).train(images, sizes,
+                                                              torch.Generator(device).manual_seed(0))
+    return out.cpu()
+
+
+def _pixels(out: torch.Tensor) -> torch.Tensor:
+    """Normalised outputs -> RGB values in 0..1."""
+    scale, shift = (torch.from_numpy(a) for a in normalization(PRE))
+    return (out - shift) / scale / 255
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A statistic of a batch of outputs (normalised) given the outputs of the spec with every operation off
+    (`base`, as RGB in 0..1), and how close the two paths must come (absolute)."""
+
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    tol: float
+    expected: float | None = None
+    """What it must be on both paths (within `tol`), where the meaning says so."""
+
+
+def _changed(out, base, threshold: float = 2e-3):  # the fraction of draws the operation visibly changed
+    return ((_pixels(out) - base).abs().amax((1, 2, 3)) > threshold).float().mean()
+
+
+def _touched(out, base):  # the fraction of draws the operation changed at all
+    return _changed(out, base, 1e-5)
+
+
+def _left_right(out, base):  # red runs right to left: flipped
+    x = _pixels(out)[:, 0]
+    return (x[:, :, -4:].mean((1, 2)) < x[:, :, :4].mean((1, 2))).float().mean()
+
+
+def _top_bottom(out, base):  # green runs bottom to top
+    x = _pixels(out)[:, 1]
+    return (x[:, -4:, :].mean((1, 2)) < x[:, :4, :].mean((1, 2))).float().mean()
+
+
+def _sideways(out, base):  # red runs top to bottom: a 90 or 270 degree turn
+    x = _pixels(out)[:, 0]
+    return ((x[:, -4:, :].mean((1, 2)) - x[:, :4, :].mean((1, 2))).abs() > 0.5).float().mean()
+
+
+def _span(out, base):  # the part of the picture's width a crop shows
+    x = _pixels(out)[:, 0]
+    return (x.amax((1, 2)) - x.amin((1, 2))).mean()
+
+
+def _displacement(out, base):  # how far the pixels moved (red, green: the coordinates), away from the border
+    return (_pixels(out) - base)[:, :2, 8:-8, 8:-8].abs().mean()
+
+
+def _dark(out, base):  # the black left outside a rotated picture
+    return 1 - (_pixels(out).mean((1, 2, 3)) / base.mean((1, 2, 3))).mean()
+
+
+def _exposure_spread(out, base):  # spread of the overall brightness
+    return (_pixels(out).mean((1, 2, 3)) / base.mean((1, 2, 3))).std()
+
+
+def _balance_spread(out, base):  # spread of the red/green balance
+    x = _pixels(out)
+    return (x[:, 0].mean((1, 2)) / x[:, 1].mean((1, 2))).std()
+
+
+def _sharpness(out, base):  # blue-channel detail kept
+    def detail(x):
+        return (x[:, 2, :, 1:] - x[:, 2, :, :-1]).abs().mean((1, 2))
+    return (detail(_pixels(out)) / detail(base)).mean()
+
+
+def _noise_level(out, base):  # standard deviation of what was added, away from the clipped border
+    return (_pixels(out) - base)[:, :, 8:-8, 8:-8].std((1, 2, 3)).mean()
+
+
+def _erased(out, base):  # the fraction of pixels erased (normalised 0 in every channel)
+    return (out == 0).all(1).float().mean()
+
+
+FIELD_CHECKS: dict[str, tuple[float, dict[str, Stat]]] = {
+    "crop_scale": (0.1, {"span": Stat(_span, 0.03)}),
+    "hflip": (0.3, {"flipped": Stat(_left_right, 0.07, expected=0.3)}),
+    "vflip": (0.3, {"flipped": Stat(_top_bottom, 0.07, expected=0.3)}),
+    "rot90": (0.6, {"changed": Stat(_changed, 0.07, expected=0.6),
+                    "sideways": Stat(_sideways, 0.07, expected=0.4)}),
+    "elastic": (100.0, {"displacement": Stat(_displacement, 0.004)}),
+    "rotate": (30.0, {"dark": Stat(_dark, 0.01)}),
+    "jpeg": (0.5, {"changed": Stat(_changed, 0.08, expected=0.5)}),
+    "colour_jitter": (0.3, {"exposure spread": Stat(_exposure_spread, 0.02)}),
+    "photometric": (0.5, {"changed": Stat(_changed, 0.08, expected=0.5),
+                          "exposure spread": Stat(_exposure_spread, 0.02)}),
+    "white_balance": (0.1, {"changed": Stat(_changed, 0.08, expected=0.5),
+                            "balance spread": Stat(_balance_spread, 0.008)}),
+    "blur": (0.5, {"changed": Stat(_touched, 0.08, expected=0.47),  # a sigma below ~0.2 changes nothing
+                   "sharpness": Stat(_sharpness, 0.05)}),
+    "noise": (0.5, {"changed": Stat(_changed, 0.08, expected=0.5), "noise level": Stat(_noise_level, 0.0015)}),
+    "random_erasing": (0.5, {"changed": Stat(_changed, 0.08, expected=0.5), "erased": Stat(_erased, 0.012)}),
+}
+"""For every field of `AugmentSpec`: a value, and the statistics both paths must agree on (and that must move
+away from the spec with every operation off). A field added to the spec without an entry here fails."""
+
+DRAWS = {"elastic": 100, "rotate": 400}  # torchvision's elastic distortion and rotation are slow on the CPU
+"""Draws per field where not 800."""
+
+
+def check_field(name: str, device_path_outputs: Callable[[AugmentSpec, int], torch.Tensor]) -> None:
+    """Both paths react to spec field `name` with the same statistics (or the device path refuses it by name)."""
+    if name not in FIELD_CHECKS:
+        pytest.fail(f"AugmentSpec.{name} has no check in FIELD_CHECKS: add one, and do it on both paths")
+    value, stats = FIELD_CHECKS[name]
+    spec, draws = replace(PLAIN, **{name: value}), DRAWS.get(name, 800)
+    if name in DEVICE_UNSUPPORTED:
+        with pytest.raises(AugmentError, match=f"{flag(name)} is not supported by the device augmentation path"):
+            device_path_outputs(spec, 8)
+        paths = {"cpu": cpu_path}
+    else:
+        paths = {"cpu": cpu_path, "device": device_path_outputs}
+    measured = {}
+    for path, outputs in paths.items():
+        plain = outputs(PLAIN, draws)
+        base, out = _pixels(plain), outputs(spec, draws)
+        for stat_name, stat in stats.items():
+            off, on = float(stat.fn(plain, base)), float(stat.fn(out, base))
+            assert abs(on - off) > 2 * stat.tol, f"{path} path ignores {flag(name)}: {stat_name} {off} -> {on}"
+            if stat.expected is not None:
+                assert on == pytest.approx(stat.expected, abs=stat.tol), (path, name, stat_name)
+            measured.setdefault(stat_name, {})[path] = on
+    for stat_name, by_path in measured.items():
+        if len(by_path) == 2:
+            assert by_path["cpu"] == pytest.approx(by_path["device"], abs=FIELD_CHECKS[name][1][stat_name].tol), \
+                (name, stat_name, by_path)
+
+
+def test_every_spec_field_has_a_check():
+    assert set(FIELD_CHECKS) == {f.name for f in fields(AugmentSpec)}
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(AugmentSpec)])
+def test_both_paths_do_each_spec_field_alike(name):
+    check_field(name, device_path)
+
+
+def test_training_refuses_what_the_device_path_cannot_do_before_writing(grocery_small, tmp_path):
+    cfg = tiny_config(device_augment="on", jpeg=0.2)
+    cfg.data.data_dir = str(grocery_small)
+    with pytest.raises(AugmentError, match="--jpeg is not supported by the device augmentation path"):
+        train_and_evaluate(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture(scope="module")

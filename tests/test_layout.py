@@ -15,9 +15,9 @@ PACKAGE = SRC / "pomona"
 LAYERS = [
     ["config", "errors", "atomic", "progress"],
     ["images", "index", "split", "data", "balance"],
-    ["model", "preprocessing", "tta", "metrics", "batch_augment"],
+    ["model", "augment", "preprocessing", "tta", "metrics", "batch_augment"],
     ["onnx_io", "engine", "checkpoint"],
-    ["datasets", "distributed", "extract", "plan", "train", "features", "selftrain", "cv"],
+    ["datasets", "distributed", "extract", "groups", "plan", "train", "features", "selftrain", "cv"],
     ["predict", "annotate", "report", "explain", "export", "serve"],
     ["study", "tune", "tracking", "ablate", "preview", "fetch"],
     ["cli", "__main__", "runtime", "__init__"],

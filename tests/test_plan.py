@@ -54,5 +54,10 @@ def test_eta_is_said_once_after_the_first_batches():
     eta = EtaAfterFirstBatches(batches_per_epoch=10, epochs_left=4, say=said.append)
     for step in range(10):
         eta(step)
-    assert len(said) == 1 and said[0].startswith("ETA: ") and "4 epochs" in said[0] and "first 3" in said[0]
+    assert len(said) == 1 and said[0].startswith("ETA: ") and "4 epochs" in said[0] and "batches 2-4" in said[0]
+    short = []
+    eta = EtaAfterFirstBatches(batches_per_epoch=2, epochs_left=1, say=short.append)
+    eta(0)
+    eta(1)
+    assert len(short) == 1 and "1 epoch " in short[0] and "batches 2-2" in short[0]
     assert minutes_text(20) == "under a minute" and minutes_text(60 * 7.4) == "about 7 min"

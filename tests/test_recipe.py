@@ -13,7 +13,8 @@ from pomona.checkpoint import PROBE_WEIGHTS
 from pomona.config import TrainConfig
 from pomona.datasets import DecodedImages
 from pomona.model import create_model
-from pomona.preprocessing import Photometric, Preprocessing, create_eval_transform, create_train_transform
+from pomona.augment import AugmentSpec, augment_spec
+from pomona.preprocessing import ColourAugment, Preprocessing, create_eval_transform, create_train_transform
 from pomona.train import train_and_evaluate, train_one_epoch
 
 from conftest import tiny_config
@@ -76,7 +77,7 @@ def test_photometric_keeps_hue_and_range():
     torch.manual_seed(0)
     patch = torch.zeros(3, 32, 32, dtype=torch.uint8)
     patch[0], patch[1], patch[2] = 200, 120, 40  # an orange apple
-    op = Photometric(1.0, strength=0.3)
+    op = ColourAugment(AugmentSpec(photometric=1.0))
 
     def hue(x):
         r, g, b = (x[i].float().mean() for i in range(3))
@@ -91,12 +92,13 @@ def test_photometric_keeps_hue_and_range():
 def test_train_transform_with_every_option_gives_a_normalised_crop():
     pre = Preprocessing(64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     t = TrainConfig(photometric=1.0, white_balance=0.05, blur=1.0, jpeg=1.0, noise=1.0, random_erasing=1.0,
-                    rot90=0.5)
+                    rot90=0.5, colour_jitter=0.2)
     x = torch.randint(0, 256, (3, 150, 200), dtype=torch.uint8)
-    out = create_train_transform(pre, t)(x)
+    out = create_train_transform(pre, augment_spec(t))(x)
     assert out.shape == (3, 64, 64) and out.dtype == torch.float32
-    preview = create_train_transform(pre, t, normalize=False)(x)
+    preview = create_train_transform(pre, augment_spec(t), normalize=False)(x)
     assert preview.dtype == torch.uint8 and preview.shape == (3, 64, 64)
+    assert preview.float().mean() > 40  # colour jitter after the other colour operations keeps the 0-255 range
 
 
 def test_cache_keeps_photos_larger_and_evaluation_resizes_them(grocery_small):

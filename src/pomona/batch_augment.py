@@ -2,20 +2,21 @@
 N x 3 x H x W, each image in the top-left corner of its slot, with its own height and width) in, normalised
 float32 model inputs out.
 
-It is the batched twin of `preprocessing.create_train_transform`: the same operations in the same order, drawn
-from the same distributions, done for a whole batch in a few tensor operations on whatever device the batch is
-on (the GPU, or the CPU in tests and CPU measurements):
+It is the batched twin of `preprocessing.create_train_transform`: both do what one `augment.AugmentSpec` says,
+the same operations in the same order, drawn from the same distributions; this one for a whole batch in a few
+tensor operations on whatever device the batch is on (the GPU, or the CPU in tests and CPU measurements):
 
 - geometry, in ONE resampling: the random resized crop (torchvision's `RandomResizedCrop` draw: area fraction
-  in `crop_scale`, log-uniform aspect ratio in `ratio`, 10 tries, then the centre-crop fallback), left-right and
-  top-bottom flips, quarter turns, elastic distortion and rotation (with torchvision's black fill outside the
-  rotated square) are composed into one sampling grid per image and applied by one `grid_sample` (bilinear; the
-  CPU path resamples twice, bicubic then bilinear);
-- photometric operations that keep the hue of every pixel: brightness (x * f), contrast (blend with the image's
-  mean grey), gamma on the value channel (each pixel scaled by V**gamma / V), grey noise (the same on the three
-  channels), Gaussian blur; and mild white-balance gains, the one operation that moves hue, slightly (gains
-  within 1 +- `white_balance`, renormalised to keep the luminance);
-- the normalisation of `preprocessing.normalization`.
+  in `crop_scale`..1, log-uniform aspect ratio in `augment.CROP_RATIO`, 10 tries, then the centre-crop
+  fallback), left-right and top-bottom flips, quarter turns, elastic distortion and rotation (with torchvision's
+  black fill outside the rotated square) are composed into one sampling grid per image and applied by one
+  `grid_sample` (bilinear; the CPU path resamples twice, bicubic then bilinear);
+- the colour operations: `augment.colour`, the very code the CPU path runs;
+- the normalisation of `preprocessing.normalization`, then random erasing (torchvision's `RandomErasing` draw,
+  for every image at once).
+
+What it cannot do it refuses by name (`DEVICE_UNSUPPORTED`, `check_device_support`), never ignores: JPEG
+re-encoding needs the loader path (--device-augment off).
 
 Random draws come from `generator` (or the device's default generator, which `train.fit` seeds every epoch),
 so a seed gives the same batch. Validation and evaluation never go through here: `center_crop` cuts the exact
@@ -25,81 +26,29 @@ pixels of `preprocessing.create_eval_transform` out of the stored images.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from .augment import (CROP_RATIO, ERASING_RATIO, ERASING_SCALE, AugmentError, AugmentSpec, colour, flag,
+                      gaussian_blur, uniform)
 from .preprocessing import Preprocessing, normalization
 
-if TYPE_CHECKING:
-    from .config import TrainConfig
-
-LUMA = (0.2989, 0.587, 0.114)
-"""Grey-level weights (torchvision's `rgb_to_grayscale`)."""
+DEVICE_UNSUPPORTED = ("jpeg",)
+"""`AugmentSpec` fields the device path cannot do (JPEG coding of a batch on the GPU): refused when on."""
 
 
-@dataclass(frozen=True)
-class BatchAugment:
-    """What `augment_batch` does to a batch; `from_train_config` reads it from the training settings."""
-
-    size: int
-    """Output side in pixels."""
-    crop_scale: tuple[float, float] = (0.35, 1.0)
-    """Area fraction of the random resized crop."""
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    """Aspect ratio range of the random resized crop."""
-    hflip: float = 0.5
-    """Probability of a left-right flip."""
-    vflip: float = 0.5
-    """Probability of a top-bottom flip."""
-    rot90: float = 0.0
-    """Probability of a quarter turn (90, 180 or 270 degrees)."""
-    rotate: float = 0.0
-    """Largest rotation in degrees (uniform in +-rotate), black outside the rotated square."""
-    elastic: float = 0.0
-    """Elastic distortion strength (torchvision's alpha, sigma 5); 0 = off."""
-    brightness: float = 0.0
-    """Brightness factor uniform in 1 +- brightness (x * f: hue kept)."""
-    contrast: float = 0.0
-    """Contrast factor uniform in 1 +- contrast (blend with the mean grey: hue kept)."""
-    gamma: float = 0.0
-    """Gamma exp(uniform(+-gamma)) applied to the value channel (each pixel scaled: hue kept)."""
-    white_balance: float = 0.0
-    """Per-channel gains uniform in 1 +- white_balance, renormalised to keep the luminance (moves hue slightly)."""
-    blur: float = 0.0
-    """Probability of a Gaussian blur."""
-    blur_sigma: tuple[float, float] = (0.1, 1.5)
-    """Range of the blur's sigma in output pixels."""
-    noise: float = 0.0
-    """Largest standard deviation of grey Gaussian noise (pixel values in 0..1); the std is uniform in 0..noise."""
-
-    @property
-    def photometric(self) -> bool:
-        return any((self.brightness, self.contrast, self.gamma, self.white_balance, self.blur, self.noise))
-
-
-def from_train_config(pre: Preprocessing, t: "TrainConfig") -> BatchAugment:
-    """The batch augmentation of training settings `t` (the same operations as `create_train_transform`).
-    `colour_jitter` sets brightness and contrast, as torchvision's ColorJitter does on the CPU path; the
-    photometric settings `brightness`, `contrast`, `gamma`, `white_balance`, `blur`, `noise` are read when the
-    settings have them."""
-    jitter = float(t.colour_jitter)
-
-    def setting(name: str, default: float = 0.0) -> float:
-        return float(getattr(t, name, default) or 0.0)
-
-    return BatchAugment(
-        size=pre.input_size, crop_scale=(float(t.crop_scale), 1.0), hflip=float(t.hflip), vflip=float(t.vflip),
-        rot90=float(t.rot90), rotate=float(t.rotate), elastic=float(t.elastic),
-        brightness=max(jitter, setting("brightness")), contrast=max(jitter, setting("contrast")),
-        gamma=setting("gamma"), white_balance=setting("white_balance"), blur=setting("blur"),
-        noise=setting("noise"))
-
-
-def _uniform(n: int, low: float, high: float, device, generator, *shape) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, *shape, device=device, generator=generator)
+def check_device_support(spec: AugmentSpec | None, device_augment: str = "on") -> None:
+    """Refuse (AugmentError, naming the flag) a spec with an operation the device path cannot do; `device_augment`
+    is the --device-augment setting that chose this path, for the message."""
+    if spec is None:
+        return
+    how = "--device-augment on" if device_augment == "on" else \
+        f"--device-augment {device_augment}, which turns it on with CUDA"
+    for name in DEVICE_UNSUPPORTED:
+        if getattr(spec, name) > 0:
+            raise AugmentError(f"{flag(name)} is not supported by the device augmentation path ({how}); use "
+                               f"--device-augment off (per-image augmentation in the data loader) or {flag(name)} 0")
 
 
 # ------------------------------------------------------------------------------------------------ geometry
@@ -112,8 +61,8 @@ def sample_crops(sizes: torch.Tensor, scale: tuple[float, float], ratio: tuple[f
     n = len(sizes)
     h, w = sizes[:, 0:1].double(), sizes[:, 1:2].double()
     area = h * w
-    target = area * _uniform(n, scale[0], scale[1], device, generator, tries).double()
-    log_ratio = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), device, generator, tries).double()
+    target = area * uniform(n, scale[0], scale[1], device, generator, tries).double()
+    log_ratio = uniform(n, math.log(ratio[0]), math.log(ratio[1]), device, generator, tries).double()
     aspect = torch.exp(log_ratio)
     cw = torch.round(torch.sqrt(target * aspect))
     ch = torch.round(torch.sqrt(target / aspect))
@@ -122,8 +71,8 @@ def sample_crops(sizes: torch.Tensor, scale: tuple[float, float], ratio: tuple[f
     found = fits.any(1)
     cw, ch = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
     h, w = h[:, 0], w[:, 0]
-    top = torch.floor(_uniform(n, 0, 1, device, generator).double() * (h - ch + 1))
-    left = torch.floor(_uniform(n, 0, 1, device, generator).double() * (w - cw + 1))
+    top = torch.floor(uniform(n, 0, 1, device, generator).double() * (h - ch + 1))
+    left = torch.floor(uniform(n, 0, 1, device, generator).double() * (w - cw + 1))
     # the fallback: the whole image, cut to the nearest ratio in range, centred
     in_ratio = w / h
     fw = torch.where(in_ratio < ratio[0], w, torch.where(in_ratio > ratio[1], torch.round(h * ratio[1]), w))
@@ -140,33 +89,16 @@ def _rotation(angle: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
 
 
-def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Normalised 1-D Gaussian kernels (N x (2 radius + 1)) of per-image `sigma`."""
-    x = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x[None, :] / sigma[:, None].clamp_min(1e-3)) ** 2)
-    return k / k.sum(1, keepdim=True)
-
-
-def _blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma per image (reflect padding), as one grouped convolution."""
-    n, c, hh, ww = x.shape
-    k = _gaussian_kernels(sigma, radius).repeat_interleave(c, 0)  # (n*c) x K
-    y = x.reshape(1, n * c, hh, ww)
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k[:, None, None, :], groups=n * c)
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k[:, None, :, None], groups=n * c)
-    return y.reshape(n, c, hh, ww)
-
-
 def _elastic_field(n: int, size: int, alpha: float, device, generator, sigma: float = 5.0) -> torch.Tensor:
     """torchvision's elastic displacement (uniform noise blurred with sigma, times alpha / size), in normalised
     grid units, N x S x S x 2."""
     d = torch.rand(n, 2, size, size, device=device, generator=generator) * 2 - 1
     radius = int(8 * sigma + 1) // 2
-    d = _blur(d, torch.full((n,), sigma, device=device), min(radius, size - 1))
+    d = gaussian_blur(d, torch.full((n,), sigma, device=device), min(radius, size - 1))
     return (d * (alpha / size)).permute(0, 2, 3, 1)
 
 
-def sampling_grid(sizes: torch.Tensor, canvas: tuple[int, int], spec: BatchAugment,
+def sampling_grid(sizes: torch.Tensor, canvas: tuple[int, int], size: int, spec: AugmentSpec,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The `grid_sample` grid (N x S x S x 2, normalised canvas coordinates) that crops, flips, turns, distorts
     and rotates every image in one resampling, and the mask of output pixels that rotation or distortion took
@@ -176,14 +108,14 @@ def sampling_grid(sizes: torch.Tensor, canvas: tuple[int, int], spec: BatchAugme
     d the elastic displacement, Q the quarter turn and Fh, Fv the flips: the image operations crop -> flips ->
     quarter turn -> elastic -> rotation, applied in that order, seen from the output."""
     device = sizes.device
-    n, s = len(sizes), spec.size
-    boxes = sample_crops(sizes, spec.crop_scale, spec.ratio, generator).to(torch.float32)
-    flip_x = torch.where(_uniform(n, 0, 1, device, generator) < spec.hflip, -1.0, 1.0)
-    flip_y = torch.where(_uniform(n, 0, 1, device, generator) < spec.vflip, -1.0, 1.0)
+    n, s = len(sizes), size
+    boxes = sample_crops(sizes, (spec.crop_scale, 1.0), CROP_RATIO, generator).to(torch.float32)
+    flip_x = torch.where(uniform(n, 0, 1, device, generator) < spec.hflip, -1.0, 1.0)
+    flip_y = torch.where(uniform(n, 0, 1, device, generator) < spec.vflip, -1.0, 1.0)
     turns = torch.randint(1, 4, (n,), device=device, generator=generator).float()
-    turns = torch.where(_uniform(n, 0, 1, device, generator) < spec.rot90, turns, torch.zeros_like(turns))
+    turns = torch.where(uniform(n, 0, 1, device, generator) < spec.rot90, turns, torch.zeros_like(turns))
     quarter = torch.round(_rotation(turns * (math.pi / 2)))  # exact 0/+-1 entries
-    angle = _uniform(n, -spec.rotate, spec.rotate, device, generator) * (math.pi / 180)
+    angle = uniform(n, -spec.rotate, spec.rotate, device, generator) * (math.pi / 180)
     rotation = _rotation(angle)
     height, width = canvas
     top, left, ch, cw = boxes.unbind(1)
@@ -218,63 +150,14 @@ def sampling_grid(sizes: torch.Tensor, canvas: tuple[int, int], spec: BatchAugme
     return grid, mask
 
 
-# ------------------------------------------------------------------------------------------------ colour
-def _grey(rgb: torch.Tensor) -> torch.Tensor:
-    """Grey level of the last axis (R, G, B), with Python-number weights (no host-to-device copy)."""
-    r, g, b = rgb.unbind(-1)
-    return LUMA[0] * r + LUMA[1] * g + LUMA[2] * b
-
-
-def photometric(x: torch.Tensor, spec: BatchAugment, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The photometric operations of `spec` on RGB values in 0..1 (N x 3 x H x W, changed in place), clamped to
-    0..1: brightness, white balance and contrast as one per-image, per-channel linear map (clamped once, where
-    torchvision clamps after each), then gamma, blur and noise."""
-    n, device = len(x), x.device
-
-    def per_image(low: float, high: float) -> torch.Tensor:
-        return _uniform(n, low, high, device, generator)
-
-    if spec.brightness > 0 or spec.white_balance > 0 or spec.contrast > 0:
-        gain = torch.ones(n, 3, device=device)
-        if spec.brightness > 0:
-            gain = gain * per_image(1 - spec.brightness, 1 + spec.brightness)[:, None]
-        if spec.white_balance > 0:
-            wb = _uniform(n, 1 - spec.white_balance, 1 + spec.white_balance, device, generator, 3)
-            gain = gain * (wb / _grey(wb)[:, None])
-        bias = torch.zeros(n, 1, device=device)
-        if spec.contrast > 0:
-            factor = per_image(1 - spec.contrast, 1 + spec.contrast)[:, None]
-            mean = _grey(x.mean((2, 3)) * gain)  # the mean grey after the gains
-            gain, bias = gain * factor, (1 - factor) * mean[:, None]
-        x = torch.addcmul(bias[:, :, None, None], x, gain[:, :, None, None]).clamp_(0, 1)
-    if spec.gamma > 0:
-        value = x.amax(1, keepdim=True).clamp_min_(1e-4)  # each pixel scaled by V**gamma / V: V -> V**gamma
-        exponent = (torch.exp(per_image(-spec.gamma, spec.gamma)) - 1)[:, None, None, None]
-        x = x.mul_(value.pow_(exponent)).clamp_(0, 1)
-    if spec.blur > 0:
-        sigma = per_image(*spec.blur_sigma)
-        chosen = per_image(0, 1) < spec.blur
-        radius = min(int(math.ceil(3 * spec.blur_sigma[1])), x.shape[-1] - 1)
-        if device.type == "cpu":  # blur only the chosen images (on a GPU all of them: no wait for the device)
-            picked = chosen.nonzero()[:, 0]
-            if len(picked):
-                x[picked] = _blur(x[picked], sigma[picked], radius).clamp_(0, 1)
-        else:
-            x = _blur(x, torch.where(chosen, sigma, torch.zeros_like(sigma)), radius).clamp_(0, 1)
-    if spec.noise > 0:
-        std = per_image(0, spec.noise)[:, None, None, None]
-        noise = torch.randn(n, 1, *x.shape[2:], device=device, generator=generator)
-        x = x.add_(noise.mul_(std)).clamp_(0, 1)
-    return x
-
-
 # ------------------------------------------------------------------------------------------------ batches
 class BatchTransform:
     """uint8 store batches -> normalised float32 model inputs on their device: `train` (the augmentation of
     `spec`, or the centre crop when `spec` is None) and `eval` (the centre crop: exactly the pixels of
-    `preprocessing.create_eval_transform`)."""
+    `preprocessing.create_eval_transform`). A spec with an operation this path cannot do is refused here."""
 
-    def __init__(self, pre: Preprocessing, spec: BatchAugment | None, channels_last: bool = True):
+    def __init__(self, pre: Preprocessing, spec: AugmentSpec | None, channels_last: bool = True):
+        check_device_support(spec)
         self.pre, self.spec, self.channels_last = pre, spec, channels_last
         scale, shift = normalization(pre)
         self._norm = {"cpu": (torch.from_numpy(scale), torch.from_numpy(shift))}
@@ -296,21 +179,50 @@ class BatchTransform:
               generator: torch.Generator | None = None) -> torch.Tensor:
         if self.spec is None:
             return self.eval(images, sizes)
-        return self.normalize(augment_batch(images, sizes, self.spec, generator), unit=1 / 255)
+        x = self.normalize(augment_batch(images, sizes, self.pre.input_size, self.spec, generator), unit=1 / 255)
+        if self.spec.random_erasing > 0:  # after the normalisation, as on the CPU path: 0 is the mean colour
+            x = random_erasing(x, self.spec.random_erasing, generator)
+        return x
 
 
-def augment_batch(images: torch.Tensor, sizes: torch.Tensor, spec: BatchAugment,
+def augment_batch(images: torch.Tensor, sizes: torch.Tensor, size: int, spec: AugmentSpec,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Augmented RGB values in 0..1 (float32, N x 3 x S x S) of uint8 `images` (N x 3 x H x W, image i in the
-    top-left sizes[i] = (height, width) of its slot)."""
-    grid, mask = sampling_grid(sizes.to(images.device), tuple(images.shape[-2:]), spec, generator)
+    """Augmented RGB values in 0..1 (float32, N x 3 x size x size) of uint8 `images` (N x 3 x H x W, image i in
+    the top-left sizes[i] = (height, width) of its slot): the geometry and colour of `spec` (random erasing, which
+    follows the normalisation, is `random_erasing`)."""
+    check_device_support(spec)
+    grid, mask = sampling_grid(sizes.to(images.device), tuple(images.shape[-2:]), size, spec, generator)
     x = F.grid_sample(images.to(torch.float32), grid, mode="bilinear", padding_mode="border", align_corners=False)
     x = x.mul_(1 / 255)
     if mask is not None:
         x = x.masked_fill_(mask[:, None], 0.0)
-    if spec.photometric:
-        x = photometric(x, spec, generator)
+    x = colour(x, spec, generator)
     return x.clamp_(0, 1)
+
+
+def random_erasing(x: torch.Tensor, p: float, generator: torch.Generator | None = None,
+                   value: float = 0.0, tries: int = 10) -> torch.Tensor:
+    """torchvision's `RandomErasing(p, ERASING_SCALE, ERASING_RATIO, value)` for every image of `x` (N x C x H x W,
+    changed in place) at once: with probability `p`, the first of `tries` rectangles (area fraction uniform in
+    `ERASING_SCALE`, log-uniform aspect ratio in `ERASING_RATIO`) that fits strictly inside is set to `value`."""
+    n, _, h, w = x.shape
+    device = x.device
+    on = uniform(n, 0, 1, device, generator) < p
+    target = (h * w) * uniform(n, ERASING_SCALE[0], ERASING_SCALE[1], device, generator, tries).double()
+    aspect = torch.exp(uniform(n, math.log(ERASING_RATIO[0]), math.log(ERASING_RATIO[1]), device, generator,
+                               tries).double())
+    eh, ew = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
+    fits = (eh < h) & (ew < w)
+    first = fits.double().argmax(1, keepdim=True)
+    on = on & fits.any(1)
+    eh, ew = eh.gather(1, first)[:, 0], ew.gather(1, first)[:, 0]
+    top = torch.floor(uniform(n, 0, 1, device, generator).double() * (h - eh + 1))
+    left = torch.floor(uniform(n, 0, 1, device, generator).double() * (w - ew + 1))
+    rows = torch.arange(h, device=device, dtype=torch.float64)[None, :, None]
+    cols = torch.arange(w, device=device, dtype=torch.float64)[None, None, :]
+    inside = ((rows >= top[:, None, None]) & (rows < (top + eh)[:, None, None]) &
+              (cols >= left[:, None, None]) & (cols < (left + ew)[:, None, None]) & on[:, None, None])
+    return x.masked_fill_(inside[:, None], value)
 
 
 def center_crop(images: torch.Tensor, sizes: torch.Tensor, size: int) -> torch.Tensor:

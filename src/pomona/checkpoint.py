@@ -84,7 +84,7 @@ CLASSES_METADATA = "pomona.classes"
 RUN_FILES = ("config.json", "split.csv", "bad_images.json", "balance.json", "history.csv", RUN_INFO, WEIGHTS,
              TRAINING_STATE, ONNX_FILE, ONNX_INT8_FILE, TORCHSCRIPT_FILE, EXPORT_INFO, "report.html", "members", "eval", "folds",
              "folds.csv", "oof.csv", "cv.json", "probe.safetensors", "test", "val_probs.npy",
-             "teacher", "pseudo_labels.csv")
+             "teacher", "pseudo_labels.csv", "groups.csv", "groups.json")
 """What a training run writes (and its evaluation, test score, report and exports): what `--overwrite` removes."""
 RUN_FOLDER_PATTERN = re.compile(r"student-\d+")
 """... and the folders of a self-trained run's intermediate students (student-1, student-2, ...: one per round)."""

@@ -101,6 +101,13 @@ def _check_test_data(cfg: Config) -> None:
     if overlap:
         raise UsageError(f"--test-data holds {len(overlap)} photo(s) of --data/--val-data, e.g. {overlap[0]}: a test "
                          "set must be new photos")
+    if cfg.data.unlabeled:
+        from .groups import check_unlabeled_against_test
+        from .selftrain import index_unlabeled
+
+        test = index_folder(cfg.data.test_data)
+        check_unlabeled_against_test(test, index_unlabeled(cfg.data.unlabeled, test["path"][:0]), cfg.device,
+                                     cfg.data.max_pixels)
 
 
 def _score_test_set(run_dir: Path, cfg: Config, scoring: EvaluateCommand) -> None:
@@ -168,6 +175,12 @@ def _train_folds(s: TrainCommand, run_dir: Path) -> int:
           f": out-of-fold macro-F1 {cv['oof_macro_f1']:.3f} (95% CI {lo:.3f}-{hi:.3f}, over {cv['ci_over']}) on "
           f"{cv['n_photos']} photos; temperature {cv['temperature']:.2f} (ECE {cv['ece_before']:.3f} -> "
           f"{cv['ece_after']:.3f}); {cv['seconds']:.0f} s")
+    grouping = cv["grouping"]
+    print(f"folds keep near-duplicate groups whole: {grouping['n_groups']} groups ({grouping['by']}; "
+          f"{grouping.get('method') or grouping.get('note')}); groups.csv" if grouping["by"] != "none" else
+          f"warning: random folds (--group-by none): {grouping['note']}")
+    for w in grouping.get("warnings", []):
+        print(f"warning: {w}")
     print(f"wrote {run_dir}/oof.csv, cv.json, eval/ and {build_report(run_dir, run_dir / 'eval')}; the run is the "
           f"ensemble of the {len(cv['per_fold'])} fold models")
     _score_test_set(run_dir, s.config, EvaluateCommand(run=str(run_dir), device=s.config.device))

@@ -60,9 +60,12 @@ class DataConfig(InputConfig):
     """A folder-per-class validation set to use instead of splitting the training data."""
     val_fraction: float = field(default=0.2, metadata={"gt": 0, "lt": 1, "basic": True})
     """Fraction of the training data (of its groups, with --group-by) held out for validation."""
-    group_by: str | None = field(default=None, metadata={"basic": True})
-    """Regex on the file name whose match (or first group) names a near-duplicate group kept on one side
-    of the split, e.g. '^(r\\d?_)?' for the filming passes of fruits360."""
+    group_by: str | None = field(default="auto", metadata={"basic": True})
+    """Which photos are near-duplicates, kept on one side of a split or fold: 'auto' finds them (photos of one
+    shelf session, turntable pass or burst: frozen-backbone features, file-name sequences, EXIF capture time;
+    written to groups.csv), 'none' makes every photo its own group (random folds: scores can be flattered), or a
+    regex on the file name whose match (or first group) names the group, e.g. '^(r\\d?_)?' for fruits360's
+    filming passes."""
     holdout: Literal["random", "last"] = "random"
     """Which groups go to validation: 'random' (seeded draw per class) or 'last' (the groups that sort last,
     e.g. the last filming pass)."""

@@ -32,7 +32,8 @@ import pandas as pd
 from .atomic import write_csv, write_json
 from .checkpoint import load_run, save_ensemble
 from .config import Config
-from .data import DataBundle, index_data, thin_training_frames
+from .data import DataBundle, Grouper, group_photos, index_data, thin_training_frames
+from .groups import auto_grouper, describe_given_groups, write_groups
 from .errors import PomonaError
 from .index import index_folder
 from .metrics import (apply_temperature, bootstrap_ci, compute_metrics, expected_calibration_error,
@@ -55,14 +56,17 @@ class CVResult:
     oof: pd.DataFrame
 
 
-def labelled_table(cfg: Config) -> pd.DataFrame:
-    """Every labelled photo of the run: --data (or --csv) and --val-data."""
+def labelled_table(cfg: Config, folds: int = 2, grouper: Grouper | None = None) -> tuple[pd.DataFrame, dict]:
+    """Every labelled photo of the run (--data or --csv, and --val-data) with its near-duplicate group, and how
+    the groups were found (groups.json). With `--group-by auto` every class is cut into at least `folds` groups
+    (see `groups.split_clumped`)."""
     table = index_data(cfg.data)
     if cfg.data.val_data:
         table = pd.concat([table, index_folder(cfg.data.val_data, cfg.data.group_by)], ignore_index=True)
     if table["path"].map(lambda p: str(Path(p).resolve())).duplicated().any():
         raise PomonaError("--val-data holds photos that are also in --data")
-    return table.reset_index(drop=True)
+    table, grouping = group_photos(table.reset_index(drop=True), cfg.data.group_by, grouper, folds)
+    return table, grouping or describe_given_groups(table, cfg.data)
 
 
 def assign_folds(table: pd.DataFrame, folds: int, repeat: int, seed: int) -> np.ndarray:
@@ -138,7 +142,7 @@ def train_folds(cfg: Config, run_dir: str | Path, folds: int = 5, repeats: int =
     start = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    table = labelled_table(cfg)
+    table, grouping = labelled_table(cfg, folds, auto_grouper(cfg.device, cfg.data.max_pixels))
     classes = sorted(table["label"].unique())
     if len(classes) < 2:
         raise PomonaError(f"need at least two classes to train, found {classes}")
@@ -183,7 +187,8 @@ def train_folds(cfg: Config, run_dir: str | Path, folds: int = 5, repeats: int =
                               "predicted": np.asarray(classes)[probs.argmax(1)], "repeat": r, "fold": fold})
         oof_rows.append(pd.concat([frame, pd.DataFrame(probs, columns=[f"prob_{c}" for c in classes])], axis=1))
     oof = pd.concat(oof_rows, ignore_index=True)
-    groups = table["group"].to_numpy() if cfg.data.group_by else None
+    grouped = grouping["by"] != "none"
+    groups = table["group"].to_numpy() if grouped else None
     score, ci = ensemble_scores(y, repeat_probs, groups)
     calib = calibration(np.tile(y, repeats), np.concatenate(repeat_view_probs, axis=1),
                         np.concatenate([a["fold"].to_numpy() + folds * r for r, a in enumerate(assignments)]),
@@ -191,7 +196,8 @@ def train_folds(cfg: Config, run_dir: str | Path, folds: int = 5, repeats: int =
     per_class = compute_metrics(y, repeat_probs[0].argmax(1), classes, n_boot=0)["per_class"]
     cv = {"folds": folds, "repeats": repeats, "n_photos": int(len(table)), "classes": classes,
           "oof_macro_f1": score, "oof_macro_f1_ci95": ci,
-          "ci_over": "groups (--group-by)" if groups is not None else "photos",
+          "ci_over": f"{table['group'].nunique()} near-duplicate groups" if grouped else "photos",
+          "grouping": grouping,
           "oof_accuracy": float(np.mean([np.mean(p.argmax(1) == y) for p in repeat_probs])),
           "oof_macro_f1_per_repeat": [macro_f1(y, p.argmax(1)) for p in repeat_probs],
           "per_fold": per_fold, "per_class_f1": {c: v["f1"] for c, v in per_class.items()}, **calib,
@@ -200,6 +206,7 @@ def train_folds(cfg: Config, run_dir: str | Path, folds: int = 5, repeats: int =
           "note": "every photo is predicted by the fold model that never saw it; each fold model kept its last "
                   "epoch, so no choice looked at the photos it is scored on"}
     write_csv(run_dir / "folds.csv", pd.concat(assignments, ignore_index=True))
+    write_groups(run_dir, table, grouping, cfg.data)
     write_csv(run_dir / OOF_FILE, oof)
     write_json(run_dir / CV_FILE, cv)
     save_ensemble(run_dir, members, calib["temperature"], {"folds": folds, "repeats": repeats,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -19,6 +21,8 @@ class DataBundle:
 
     table: pd.DataFrame
     classes: list[str]
+    grouping: dict | None = None
+    """How the `group` column was found, with `--group-by auto` (see `pomona.groups.Grouping.summary`)."""
 
     def subset(self, name: str) -> pd.DataFrame:
         return self.table[self.table["subset"] == name].reset_index(drop=True)
@@ -28,11 +32,13 @@ class DataBundle:
         return [index[label] for label in frame["label"]]
 
     def drop(self, paths: list[str]) -> "DataBundle":
-        return DataBundle(self.table[~self.table["path"].isin(set(paths))].reset_index(drop=True), self.classes)
+        return DataBundle(self.table[~self.table["path"].isin(set(paths))].reset_index(drop=True), self.classes,
+                          self.grouping)
 
     def with_absolute_paths(self) -> "DataBundle":
         """The same table with absolute paths (what split.csv stores: usable from any working folder)."""
-        return DataBundle(self.table.assign(path=[os.path.abspath(p) for p in self.table["path"]]), self.classes)
+        return DataBundle(self.table.assign(path=[os.path.abspath(p) for p in self.table["path"]]), self.classes,
+                          self.grouping)
 
 
 def index_data(cfg: DataConfig) -> pd.DataFrame:
@@ -46,11 +52,32 @@ def index_data(cfg: DataConfig) -> pd.DataFrame:
     raise DataLayoutError("no training data: give --data FOLDER (one sub-folder per class) or --csv and --images")
 
 
-def prepare_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
+Grouper = Callable[[pd.DataFrame, int], tuple[pd.DataFrame, dict]]
+"""(table, groups needed per class) -> the table with near-duplicate groups, and how they were found
+(`pomona.groups.auto_grouper`, passed in by the training layer)."""
+
+
+def group_photos(table: pd.DataFrame, group_by: str | None, grouper: Grouper | None,
+                 needed: int = 2) -> tuple[pd.DataFrame, dict | None]:
+    """With `--group-by auto`, the table's near-duplicate groups found by `grouper`; other settings keep the groups
+    the index gave (a regex, or one photo per group)."""
+    if group_by != "auto":
+        return table, None
+    if grouper is None:
+        warnings.warn("--group-by auto needs the photos' features; every photo is its own group here", stacklevel=2)
+        return table, None
+    return grouper(table, needed)
+
+
+def prepare_data(cfg: DataConfig, seed: int = 0, grouper: Grouper | None = None) -> DataBundle:
     """Index the training data and split it, or take `cfg.val_data` as the validation set. With
     `cfg.test_fraction`, a stratified, group-aware share of the data is first set aside as subset 'test', which
-    training and validation never see."""
+    training and validation never see. With `--group-by auto` the near-duplicate groups (`grouper`) decide what
+    stays together whenever a split is drawn from the data."""
     table = index_data(cfg)
+    grouping = None
+    if not cfg.val_data or cfg.test_fraction:
+        table, grouping = group_photos(table, cfg.group_by, grouper)
     test = table.iloc[:0]
     if cfg.test_fraction:
         if not 0.0 < cfg.test_fraction < 0.5:
@@ -76,7 +103,7 @@ def prepare_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
         raise DataLayoutError(f"validation or test classes missing from training: {unknown}")
     if len(classes) < 2:
         raise DataLayoutError(f"need at least two classes to train, found {classes}")
-    return DataBundle(table.reset_index(drop=True), classes)
+    return DataBundle(table.reset_index(drop=True), classes, grouping)
 
 
 def thin_training_frames(table: pd.DataFrame, every_nth: int) -> pd.DataFrame:

@@ -34,7 +34,7 @@ def assign_groups(table: pd.DataFrame, group_by: str | None) -> pd.DataFrame:
     forms its own group. Groups never span classes.
     """
     table = table.copy()
-    if not group_by:
+    if group_by in (None, "", "none", "auto"):  # 'auto' groups are found later from the photos (pomona.groups)
         table["group"] = table["path"]
         return table
     pattern = re.compile(group_by)

@@ -17,7 +17,7 @@ from .data import DataBundle
 IMBALANCE_WARNING = 3.0
 """Warn when the largest class has more than this many times the training photos of the smallest."""
 ETA_BATCHES = 3
-"""Training batches timed before the ETA is said."""
+"""Training batches timed (after the first, whose start-up would skew it) before the ETA is said."""
 
 
 def _original_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -98,23 +98,26 @@ def minutes_text(seconds: float) -> str:
 
 
 class EtaAfterFirstBatches:
-    """Called after each training step of the first epoch trained (`step`, 0-based); after ETA_BATCHES steps it
-    says once how long all the epochs left will take, from the time those batches took (the first batch's
-    start-up included, so the estimate errs long)."""
+    """Called after each training step of the first epoch trained (`step`, 0-based): once ETA_BATCHES more batches
+    have run after the first one (whose start-up is left out of the timing), or at the end of a shorter epoch, it
+    says how long all the epochs left will take at that pace (validation not included)."""
 
     def __init__(self, batches_per_epoch: int, epochs_left: int, say: Callable[[str], None],
                  batches: int = ETA_BATCHES):
-        self.total = batches_per_epoch * epochs_left
-        self.epochs_left, self.say = epochs_left, say
-        self.batches = max(1, min(batches, batches_per_epoch))
-        self.start = time.perf_counter()
+        self.per_epoch, self.epochs_left, self.say, self.batches = batches_per_epoch, epochs_left, say, batches
+        self.start = self.after_first = time.perf_counter()
         self.done = False
 
     def __call__(self, step: int) -> None:
-        if self.done or step + 1 < self.batches:
+        now = time.perf_counter()
+        if self.done:
+            return
+        if step == 0:
+            self.after_first = now
+        if step < self.batches and step + 1 < self.per_epoch:
             return
         self.done = True
-        per_batch = (time.perf_counter() - self.start) / (step + 1)
-        self.say(f"ETA: {minutes_text(per_batch * self.total)} for {self.epochs_left} "
-                 f"epoch{'s' if self.epochs_left != 1 else ''} "
-                 f"({per_batch:.2f} s per batch over the first {step + 1})")
+        per_batch = (now - self.after_first) / step if step else now - self.start
+        timed = f"batches 2-{step + 1}" if step else "the one batch"
+        self.say(f"ETA: {minutes_text(per_batch * self.per_epoch * self.epochs_left)} for {self.epochs_left} "
+                 f"epoch{'s' if self.epochs_left != 1 else ''} ({per_batch:.2f} s per batch, timed on {timed})")

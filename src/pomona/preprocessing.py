@@ -8,7 +8,8 @@ crop fraction) and is stored in every run folder. From it:
 - `create_eval_transform` (torch) and `create_eval_transform_np` (numpy) -- twins: centre crop, then the same
   normalisation `x * scale + shift` (`normalization`), the torch one on resized tensors (training's validation),
   the numpy one from the PIL image (serving: no torch tensors on the hot path of ONNX Runtime);
-- `create_train_transform`: the colour-safe training augmentation, ending in the same normalisation.
+- `create_train_transform`: the colour-safe training augmentation of an `augment.AugmentSpec`, per image, ending
+  in the same normalisation (its batched twin on the device: `batch_augment`).
 
 Serving imports this module; it never imports training.
 """
@@ -17,14 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 
-if TYPE_CHECKING:
-    from .config import TrainConfig
+from .augment import CROP_RATIO, ERASING_RATIO, ERASING_SCALE, JPEG_QUALITY, AugmentSpec, colour
 
 _INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
                   "nearest": T.InterpolationMode.NEAREST}
@@ -145,77 +145,62 @@ class RandomQuarterTurn(torch.nn.Module):
         return torch.rot90(x, int(torch.randint(1, 4, ())), dims=(-2, -1))
 
 
-class Photometric(torch.nn.Module):
-    """Random changes of exposure and contrast (each pixel's hue is kept: every channel is scaled, or moved
-    towards one grey level, alike; only clipping at white or black can shift it), mild white balance (`white_balance`: largest relative gain change per
-    channel), Gaussian blur and pixel noise, as photos from other cameras and light differ. uint8 or float
-    (0-255) CHW in, float32 (0-255) out."""
+class ColourAugment(torch.nn.Module):
+    """The colour operations of an `AugmentSpec` (`augment.colour`, the code the device path runs, on a batch of
+    one, drawn from torch's generator): uint8 or float (0-255) CHW in, float32 (0-255) out."""
 
-    def __init__(self, p: float, white_balance: float = 0.0, blur: float = 0.0, noise: float = 0.0,
-                 strength: float = 0.3):
+    def __init__(self, spec: AugmentSpec):
         super().__init__()
-        self.p, self.white_balance, self.blur, self.noise, self.strength = p, white_balance, blur, noise, strength
-        self._blur = T.GaussianBlur(5, sigma=(0.1, 1.5))
-
-    def _uniform(self, *shape) -> torch.Tensor:
-        return torch.rand(shape) * 2 - 1
+        self.spec = spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32) / 255.0
-        if self.p > 0 and torch.rand(()) < self.p:
-            exposure = 1 + self._uniform() * self.strength
-            contrast = 1 + self._uniform() * self.strength
-            grey = x.mean()
-            x = (((x - grey) * contrast + grey) * exposure).clamp(0, 1)
-        if self.white_balance > 0 and torch.rand(()) < 0.5:
-            x = (x * (1 + self._uniform(3) * self.white_balance)[:, None, None]).clamp(0, 1)
-        if self.blur > 0 and torch.rand(()) < self.blur:
-            x = self._blur(x)
-        if self.noise > 0 and torch.rand(()) < self.noise:
-            x = (x + torch.randn_like(x) * 0.03 * torch.rand(())).clamp(0, 1)
-        return x * 255.0
+        return colour(x[None].to(torch.float32).div_(255.0), self.spec)[0].mul_(255.0)
 
 
 class RandomJPEG(torch.nn.Module):
-    """With probability `p`, re-encode a uint8 image as JPEG at a random quality in 30-90."""
+    """With probability `p`, re-encode a uint8 image as JPEG at a random quality in `JPEG_QUALITY`."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
-        self._jpeg = T.JPEG((30, 90))
+        self._jpeg = T.JPEG(JPEG_QUALITY)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._jpeg(x) if torch.rand(()) < self.p else x
 
 
-def create_train_transform(pre: Preprocessing, t: "TrainConfig", normalize: bool = True) -> Callable:
-    """Resized uint8 tensor -> augmented input: the random resized crop, flips, quarter turns, elastic distortion
-    and rotation of the training settings `t`, colour jitter only when asked; without `t.augment`, the
-    evaluation transform. `normalize=False` keeps uint8 images (for previews)."""
-    if not t.augment:
+def create_train_transform(pre: Preprocessing, spec: AugmentSpec | None, normalize: bool = True) -> Callable:
+    """Resized uint8 tensor -> augmented input, per image (the loader path; `batch_augment` is its batched twin
+    on the device): the operations of `spec` (`augment.augment_spec` of the training settings) in the order of
+    `pomona.augment`; with no spec (--no-augment), the evaluation transform. `normalize=False` keeps uint8 images
+    and leaves out random erasing (for previews)."""
+    if spec is None:
         return create_eval_transform(pre) if normalize else T.CenterCrop(pre.input_size)
-    ops: list = [T.RandomResizedCrop(pre.input_size, scale=(t.crop_scale, 1.0),
+    ops: list = [T.RandomResizedCrop(pre.input_size, scale=(spec.crop_scale, 1.0), ratio=CROP_RATIO,
                                      interpolation=_INTERPOLATION[pre.interpolation], antialias=True)]
-    if t.hflip > 0:
-        ops.append(T.RandomHorizontalFlip(t.hflip))
-    if t.vflip > 0:
-        ops.append(T.RandomVerticalFlip(t.vflip))
-    if t.rot90 > 0:
-        ops.append(RandomQuarterTurn(t.rot90))
-    if t.elastic > 0:
-        ops.append(T.ElasticTransform(alpha=float(t.elastic), sigma=5.0))
-    if t.rotate > 0:
-        ops.append(T.RandomRotation(t.rotate, interpolation=T.InterpolationMode.BILINEAR))
-    if t.jpeg > 0:
-        ops.append(RandomJPEG(t.jpeg))
-    if t.photometric > 0 or t.white_balance > 0 or t.blur > 0 or t.noise > 0:
-        ops.append(Photometric(t.photometric, t.white_balance, t.blur, t.noise))
-    if t.colour_jitter > 0:
-        ops.append(T.ColorJitter(brightness=t.colour_jitter, contrast=t.colour_jitter))
+    if spec.hflip > 0:
+        ops.append(T.RandomHorizontalFlip(spec.hflip))
+    if spec.vflip > 0:
+        ops.append(T.RandomVerticalFlip(spec.vflip))
+    if spec.rot90 > 0:
+        ops.append(RandomQuarterTurn(spec.rot90))
+    if spec.elastic > 0:
+        ops.append(T.ElasticTransform(alpha=spec.elastic, sigma=5.0))
+    if spec.rotate > 0:
+        ops.append(T.RandomRotation(spec.rotate, interpolation=T.InterpolationMode.BILINEAR))
+    if spec.jpeg > 0:
+        ops.append(RandomJPEG(spec.jpeg))
+    if spec.colour:
+        ops.append(ColourAugment(spec))
     if normalize:
         ops.append(Normalize(pre))
-        if t.random_erasing > 0:
-            ops.append(T.RandomErasing(t.random_erasing, scale=(0.02, 0.25), value=0))
-    elif t.photometric > 0 or t.white_balance > 0 or t.blur > 0 or t.noise > 0:
-        ops.append(T.ToDtype(torch.uint8))
+        if spec.random_erasing > 0:
+            ops.append(T.RandomErasing(spec.random_erasing, scale=ERASING_SCALE, ratio=ERASING_RATIO, value=0))
+    elif spec.colour:
+        ops.append(_to_uint8)
     return T.Compose(ops)
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float 0-255 -> uint8, rounded."""
+    return x.round().clamp_(0, 255).to(torch.uint8)

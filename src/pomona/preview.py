@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write
+from .augment import augment_spec
 from .balance import augment_one, create_pipeline, image_seed, parse_operations
 from .config import Config
 from .images import load_image
@@ -20,7 +21,7 @@ def online_samples(image_path: str | Path, cfg: Config, n: int, seed: int = 0) -
     own preprocessing (size, interpolation, crop) as training uses it."""
     pre = resolve_preprocessing(cfg.model.name, cfg.model.img_size)
     x = create_resize(pre)(load_image(image_path, cfg.data.max_pixels))
-    transform = create_train_transform(pre, cfg.train, normalize=False)
+    transform = create_train_transform(pre, augment_spec(cfg.train), normalize=False)
     torch.manual_seed(seed)
     return [transform(x).permute(1, 2, 0).numpy() for _ in range(n)]
 

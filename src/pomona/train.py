@@ -37,8 +37,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .atomic import write_csv, write_json
+from .augment import augment_spec
 from .balance import balance_training_fold, parse_mode
-from .batch_augment import BatchTransform, from_train_config
+from .batch_augment import BatchTransform, check_device_support
 from .checkpoint import (PROBE_WEIGHTS, TRAINING_STATE, check_new_run_folder, clear_run_folder,
                          load_resumable_state, load_weights, read_json_file, save_run, save_training_state,
                          save_weights)
@@ -46,6 +47,7 @@ from .config import Config, TrainConfig
 from .data import DataBundle, load_split, prepare_data
 from .datasets import DecodedImages, DeviceLoader, ImageDataset, ImageStore, RowDataset
 from .distributed import SINGLE, DistContext
+from .groups import auto_grouper, write_groups
 from .errors import PomonaError
 from .metrics import accuracy, macro_f1
 from .model import AppleNet, create_model, resolve_device
@@ -181,7 +183,7 @@ def create_loaders(bundle: DataBundle, images: DecodedImages, pre: Preprocessing
     """Training and validation loaders of a split; with several processes, each rank validates a disjoint shard."""
     train_frame, val_frame = bundle.subset("train"), bundle.subset("val")
     train_targets = bundle.targets(train_frame)
-    train_set = ImageDataset(train_frame["path"], train_targets, images, create_train_transform(pre, cfg.train))
+    train_set = ImageDataset(train_frame["path"], train_targets, images, create_train_transform(pre, augment_spec(cfg.train)))
     val_set = ImageDataset(val_frame["path"], bundle.targets(val_frame), images, create_eval_transform(pre))
     if dist.enabled:
         from torch.utils.data import Subset
@@ -211,8 +213,7 @@ def create_device_loaders(bundle: DataBundle, store: ImageStore, pre: Preprocess
     store, on the GPU when it fits, then `batch_augment` for training and the exact centre crop for validation)."""
     train_frame, val_frame = bundle.subset("train"), bundle.subset("val")
     train_targets = bundle.targets(train_frame)
-    transform = BatchTransform(pre, from_train_config(pre, cfg.train) if cfg.train.augment else None,
-                               cfg.model.channels_last)
+    transform = BatchTransform(pre, augment_spec(cfg.train), cfg.model.channels_last)
     val_rows = RowDataset(store.rows(val_frame["path"]), bundle.targets(val_frame))
     if dist.enabled:
         from torch.utils.data import Subset
@@ -556,6 +557,8 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
+    if use_device_augment(cfg, device):  # what the device path cannot do is refused before any work
+        check_device_support(augment_spec(cfg.train), cfg.train.device_augment)
     seed_everything(cfg.seed)
     state = None
     if resume:
@@ -564,7 +567,7 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
     else:
         check_new_run_folder(run_dir, overwrite)
         if bundle is None:
-            bundle = prepare_data(cfg.data, cfg.seed)
+            bundle = prepare_data(cfg.data, cfg.seed, auto_grouper(cfg.device, cfg.data.max_pixels))
         bundle = bundle.with_absolute_paths()
 
     model = create_model(cfg.model.name, len(bundle.classes), cfg.model.out_features, cfg.model.dropout,
@@ -589,6 +592,7 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(run_dir / "config.json")
             write_csv(run_dir / "split.csv", bundle.table)
+            write_groups(run_dir, bundle.table, bundle.grouping, cfg.data)
             if balance_info is not None:
                 write_json(run_dir / "balance.json", balance_info)
         write_json(run_dir / "bad_images.json", bad)

@@ -1,0 +1,353 @@
+"""Near-duplicate groups (`--group-by auto`, the default): photos of one shelf session, one turntable pass or one
+burst become one group, so that a split or a cross-validation fold keeps them on one side.
+
+Random folds put near-identical shots of one shelf on both sides of a split; every score is then flattered (on
+the grocery photos by about 0.1 macro-F1). The groups come from three cues, each used where it exists:
+
+- **What the photos show:** pooled features of a frozen ImageNet backbone (packaged Lite0 weights, the same for
+  every model, so that groups do not depend on the recipe), cosine distances, average linkage within a class.
+  The cut is chosen from the data: two photos of one variety belong together when they are closer than a photo
+  typically is to its nearest photo of *another* variety (the median of those cross-class nearest-neighbour
+  distances). Variety alone never makes two photos that close; a shared shelf, light and camera does.
+- **File-name sequences:** names that share a template (`r0_###_100.jpg`, `IMG_####.jpg`) are a sequence; a
+  number that takes few values across a class's names (the `0` of `r0_`) is part of the template. Photos of two
+  templates never share a group (two filming passes, two cameras), and neighbours in a sequence whose photos are
+  within the cut are linked (a burst, or the frames of one turntable pass).
+- **Capture time (EXIF DateTimeOriginal):** photos of one class taken within `SESSION_GAP_S` seconds of each
+  other, in a row, are one session.
+
+Groups never span classes. A class whose photos fall into fewer groups than a split needs is a warning that says
+what to do; `split_clumped` then cuts its largest groups finer (the score of that class is then optimistic, and
+the run says so).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from .config import DataConfig
+
+GROUPING_MODEL = "tf_efficientnet_lite0"
+"""The backbone whose frozen features decide near-duplicates (packaged weights: works offline)."""
+GROUPING_SIZE = 224
+"""Input size of the grouping features."""
+SESSION_GAP_S = 120.0
+"""Photos of one class taken at most this many seconds apart (EXIF capture time) are one session."""
+SEQUENCE_FACTOR = 0.5
+"""A file-name sequence is numbered in the order its photos were taken when the median distance between
+neighbours in it is below this fraction of the median distance between any two of its photos; its neighbours
+within the cut are then linked. (Photos renumbered in another order, as the grocery photos are, show no such
+pattern, and their numbers are ignored.)"""
+EXIF_DATETIME_ORIGINAL = 36867
+GROUPS_FILE, GROUPS_INFO = "groups.csv", "groups.json"
+
+
+@dataclass
+class Grouping:
+    """Groups of a table, and how they were found."""
+
+    groups: np.ndarray
+    """One group name per row (`label/g<N>`)."""
+    threshold: float
+    """The cosine-distance cut (average linkage)."""
+    method: str
+    """What was used, in words."""
+    warnings: list[str] = field(default_factory=list)
+    forced: list[str] = field(default_factory=list)
+    """Classes whose groups had to be cut finer than near-duplicates allow (see `split_clumped`)."""
+
+    def summary(self) -> dict:
+        sizes = pd.Series(self.groups).value_counts()
+        return {"by": "auto", "method": self.method, "threshold": round(float(self.threshold), 4),
+                "n_groups": int(len(sizes)), "largest": int(sizes.max()) if len(sizes) else 0,
+                "singletons": int((sizes == 1).sum()), "forced_classes": self.forced, "warnings": self.warnings}
+
+
+# ------------------------------------------------------------------------------------------- file-name cues
+_TOKENS = re.compile(r"(\d+)")
+
+
+def name_templates(names: list[str]) -> tuple[list[str], list[int]]:
+    """(template, position in its sequence) of each file name (no folder, no extension).
+
+    Names are split into digit runs and the rest. Among names of one shape (same non-digit parts, same count of
+    numbers) the number that takes the most values is the sequence position; any other number that takes at
+    most a few values (<= 10% of the names, at most 20) is part of the template, others are ignored."""
+    parts = [_TOKENS.split(Path(n).stem) for n in names]
+    shape = ["#".join(p[0::2]) + f"/{len(p) // 2}" for p in parts]
+    templates, positions = [""] * len(names), [0] * len(names)
+    for s in set(shape):
+        rows = [i for i, x in enumerate(shape) if x == s]
+        numbers = np.array([[int(v) for v in parts[i][1::2]] for i in rows], dtype=np.int64).reshape(len(rows), -1)
+        if numbers.shape[1] == 0:
+            for i in rows:
+                templates[i] = s
+            continue
+        distinct = [len(np.unique(numbers[:, j])) for j in range(numbers.shape[1])]
+        seq = int(np.argmax(distinct))
+        fixed = [j for j, d in enumerate(distinct) if j != seq and d <= max(1, min(20, 0.1 * len(rows)))]
+        for r, i in enumerate(rows):
+            templates[i] = s + "|" + ",".join(f"{j}={numbers[r, j]}" for j in fixed)
+            positions[i] = int(numbers[r, seq])
+    return templates, positions
+
+
+def capture_times(paths: list[str]) -> np.ndarray:
+    """EXIF capture time of each photo in seconds (NaN where the photo has none); reads headers only."""
+    from PIL import Image
+
+    out = np.full(len(paths), np.nan)
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as img:
+                exif = img.getexif()
+                text = exif.get_ifd(0x8769).get(EXIF_DATETIME_ORIGINAL) or exif.get(306)
+            if text:
+                out[i] = datetime.strptime(str(text).strip()[:19], "%Y:%m:%d %H:%M:%S").timestamp()
+        except Exception:  # no EXIF, a damaged header or an unreadable file: no time cue for this photo
+            continue
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the grouping
+def cosine_distances(features: np.ndarray) -> np.ndarray:
+    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    return np.clip(1.0 - x @ x.T, 0.0, 2.0)
+
+
+def choose_threshold(distances: np.ndarray, labels: np.ndarray) -> float:
+    """The median over photos of the distance to the nearest photo of another class; with one class, the 75th
+    percentile of nearest-neighbour distances (no other variety to compare with)."""
+    d = distances.copy()
+    np.fill_diagonal(d, np.inf)
+    other = labels[:, None] != labels[None, :]
+    if other.any():
+        nearest_other = np.where(other, d, np.inf).min(1)
+        return float(np.median(nearest_other[np.isfinite(nearest_other)]))
+    return float(np.quantile(d.min(1), 0.75))
+
+
+class _Union:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def join(self, i: int, j: int) -> None:
+        self.parent[self.find(i)] = self.find(j)
+
+
+def _average_linkage(d: np.ndarray, threshold: float) -> np.ndarray:
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    if len(d) < 2:
+        return np.zeros(len(d), dtype=int)
+    z = linkage(squareform(d, checks=False), "average")
+    return fcluster(z, threshold, "distance") - 1
+
+
+def near_duplicate_groups(features: np.ndarray, labels, names: list[str] | None = None,
+                          times: np.ndarray | None = None, threshold: float | None = None) -> Grouping:
+    """Groups of photos (see the module docstring): `features` one row per photo, `labels` their classes, `names`
+    their file names (sequence cue), `times` their capture times in seconds (NaN = unknown)."""
+    labels = np.asarray(labels, dtype=object)
+    n = len(labels)
+    dist = cosine_distances(np.asarray(features, dtype=np.float64))
+    cut = choose_threshold(dist, labels) if threshold is None else float(threshold)
+    templates, positions = name_templates(names) if names is not None else ([""] * n, list(range(n)))
+    times = np.full(n, np.nan) if times is None else np.asarray(times, dtype=float)
+    union = _Union(n)
+    cues = {"features": 0, "sequence": 0, "time": 0}
+    for key in sorted(set(zip(labels, templates))):
+        rows = np.flatnonzero((labels == key[0]) & (np.asarray(templates, dtype=object) == key[1]))
+        clusters = _average_linkage(dist[np.ix_(rows, rows)], cut)
+        for c in np.unique(clusters):
+            members = rows[clusters == c]
+            for m in members[1:]:
+                if union.find(m) != union.find(members[0]):
+                    union.join(m, members[0])
+                    cues["features"] += 1
+        order = rows[np.argsort([positions[i] for i in rows], kind="stable")]
+        steps = dist[order[:-1], order[1:]]
+        if len(rows) >= 3 and np.median(steps) < SEQUENCE_FACTOR * np.median(dist[np.ix_(rows, rows)][
+                np.triu_indices(len(rows), 1)]):  # numbered in the order taken: neighbours look alike
+            for a, b, d in zip(order[:-1], order[1:], steps):  # one burst, or the frames of one pass
+                if d <= cut and union.find(a) != union.find(b):
+                    union.join(a, b)
+                    cues["sequence"] += 1
+        timed = rows[np.isfinite(times[rows])]
+        timed = timed[np.argsort(times[timed], kind="stable")]
+        for a, b in zip(timed[:-1], timed[1:]):  # one session: taken within minutes of each other
+            if times[b] - times[a] <= SESSION_GAP_S and union.find(a) != union.find(b):
+                union.join(a, b)
+                cues["time"] += 1
+    roots = np.array([union.find(i) for i in range(n)])
+    names_of = {r: k for k, r in enumerate(dict.fromkeys(roots))}
+    groups = np.array([f"{labels[i]}/g{names_of[roots[i]]}" for i in range(n)], dtype=object)
+    used = [c for c in ("features", "sequence", "time") if cues[c]] or ["features"]
+    method = (f"average linkage of frozen {GROUPING_MODEL} features at cosine distance {cut:.3f} (the median "
+              f"distance of a photo to its nearest photo of another class)" +
+              (", file-name templates" if len(set(zip(labels, templates))) > len(set(labels)) else "") +
+              (", file-name sequences" if "sequence" in used else "") +
+              (", EXIF capture time" if "time" in used else ""))
+    return Grouping(groups, cut, method)
+
+
+def split_clumped(grouping: Grouping, labels, features: np.ndarray, needed: int) -> Grouping:
+    """Cut the groups of every class that has fewer than `needed` groups finer (average linkage at half the
+    cut, then a quarter, ...; at last one photo per group) until it has `needed`, and say so."""
+    labels = np.asarray(labels, dtype=object)
+    groups = grouping.groups.copy()
+    warnings, forced = list(grouping.warnings), list(grouping.forced)
+    dist = cosine_distances(np.asarray(features, dtype=np.float64))
+    for label in sorted(set(labels)):
+        rows = np.flatnonzero(labels == label)
+        have = len(set(groups[rows]))
+        if have >= needed or len(rows) < needed:
+            continue
+        cut = grouping.threshold
+        while len(set(groups[rows])) < needed:
+            cut /= 2
+            clusters = _average_linkage(dist[np.ix_(rows, rows)], cut) if cut > 1e-4 else np.arange(len(rows))
+            groups[rows] = [f"{g}.{c}" for g, c in zip(grouping.groups[rows], clusters)]
+        forced.append(label)
+        warnings.append(f"{label}: its {len(rows)} photos fall into {have} near-duplicate group(s), fewer than "
+                        f"the {needed} needed; they were cut finer, so near-duplicates of {label} sit on both "
+                        "sides and its score is optimistic. Add photos of it from other shelves or sessions, or "
+                        f"use fewer folds (--folds {max(2, have)})")
+    return Grouping(groups, grouping.threshold, grouping.method, warnings, forced)
+
+
+def group_table(table: pd.DataFrame, features: np.ndarray, needed: int = 2) -> tuple[pd.DataFrame, Grouping]:
+    """`table` (path, label, ...) with its `group` column replaced by the near-duplicate groups."""
+    paths = list(table["path"])
+    grouping = near_duplicate_groups(features, table["label"].to_numpy(), [Path(p).name for p in paths],
+                                     capture_times(paths))
+    grouping = split_clumped(grouping, table["label"].to_numpy(), features, needed)
+    return table.assign(group=grouping.groups), grouping
+
+
+def compute_grouping_features(paths: list[str], device: str = "cpu", max_pixels: int = 64_000_000,
+                              workdir: str | Path | None = None) -> np.ndarray:
+    """Frozen `GROUPING_MODEL` features of `paths` (unreadable photos get a zero row: each its own group)."""
+    import tempfile
+
+    import torch
+
+    from .datasets import DecodedImages
+    from .extract import create_extractor, extract_features, resolve_engine
+    from .model import create_backbone, resolve_device
+    from .preprocessing import resolve_preprocessing
+
+    dev = resolve_device(device)
+    backbone = create_backbone(GROUPING_MODEL, "auto")
+    pre = resolve_preprocessing(backbone, GROUPING_SIZE)
+    images = DecodedImages(pre, enabled=False, max_pixels=max_pixels)
+    bad = set(images.scan(paths, desc="reading photos for near-duplicate groups"))
+    readable = [p for p in paths if p not in bad]
+    with tempfile.TemporaryDirectory() as tmp:
+        extract, _ = create_extractor(backbone, pre, resolve_engine("auto", dev), dev, Path(workdir or tmp))
+        with torch.inference_mode():
+            feats = extract_features(extract, readable, images, pre, desc="near-duplicate groups")
+    out = np.zeros((len(paths), feats.shape[1] if feats.size else 1), np.float32)
+    index = {p: i for i, p in enumerate(paths)}
+    for p, f in zip(readable, feats):
+        out[index[p]] = f
+    return out
+
+
+def auto_grouper(device: str = "cpu", max_pixels: int = 64_000_000):
+    """A `data.Grouper`: the near-duplicate groups of a table, each class cut into at least `needed` groups."""
+
+    def grouper(table: pd.DataFrame, needed: int) -> tuple[pd.DataFrame, dict]:
+        from .progress import write
+
+        features = compute_grouping_features(list(table["path"]), device, max_pixels)
+        grouped, grouping = group_table(table, features, needed)
+        summary = grouping.summary()
+        write(f"near-duplicate groups: {summary['n_groups']} groups of {len(table)} photos (largest "
+              f"{summary['largest']}, {summary['singletons']} single photos); cut at cosine distance "
+              f"{summary['threshold']:.3f}")
+        for w in grouping.warnings:
+            write(f"warning: {w}")
+        return grouped, summary
+
+    return grouper
+
+
+def describe_given_groups(table: pd.DataFrame, data: "DataConfig") -> dict:
+    """What groups.json says when no groups were found from the photos."""
+    by = data.group_by or "none"
+    if by == "auto":
+        note = "not needed: the validation set was given (--val-data), so no split was drawn from --data"
+    elif by == "none":
+        note = ("every photo is its own group: near-duplicates can sit on both sides of a split, and the "
+                "validation or out-of-fold score can be flattered")
+    else:
+        note = f"groups named by the regex {by!r} on the file names"
+    return {"by": by, "n_groups": int(table["group"].nunique()), "note": note}
+
+
+def write_groups(run_dir: str | Path, table: pd.DataFrame, grouping: dict | None, data: "DataConfig") -> None:
+    """groups.csv (path, label, group) and groups.json (how they were found) of a run."""
+    from .atomic import write_csv, write_json
+
+    run_dir = Path(run_dir)
+    write_csv(run_dir / GROUPS_FILE, table[["path", "label", "group"]])
+    write_json(run_dir / GROUPS_INFO, grouping or describe_given_groups(table, data))
+
+
+DUPLICATE_FACTOR = 1 / 3
+"""Two photos of different sets are near-duplicates when their distance is below this fraction of the grouping
+cut: on the grocery photos, photos of new shelves lie at >= 0.45 of the cut from their nearest training photo,
+while a resized, re-compressed or flipped copy lies far below it."""
+
+
+def cross_set_duplicates(features_a: np.ndarray, features_b: np.ndarray, cut: float) -> list[tuple[int, int, float]]:
+    """(row in a, row in b, distance) of each photo of `a` whose nearest photo in `b` lies within
+    `cut * DUPLICATE_FACTOR` (cosine distance), nearest first."""
+    a = features_a / np.maximum(np.linalg.norm(features_a, axis=1, keepdims=True), 1e-12)
+    b = features_b / np.maximum(np.linalg.norm(features_b, axis=1, keepdims=True), 1e-12)
+    found = []
+    for start in range(0, len(a), 1024):  # blocks: bounded memory on tens of thousands of photos
+        d = np.clip(1.0 - a[start:start + 1024] @ b.T, 0.0, 2.0)
+        nearest = d.argmin(1)
+        for i, j in enumerate(nearest):
+            if d[i, j] <= cut * DUPLICATE_FACTOR:
+                found.append((start + i, int(j), float(d[i, j])))
+    return sorted(found, key=lambda r: r[2])
+
+
+def check_unlabeled_against_test(test: pd.DataFrame, unlabeled: list[str], device: str = "cpu",
+                                 max_pixels: int = 64_000_000) -> None:
+    """Refuse unlabelled photos that are test photos or near-duplicates of them: self-training would train on
+    them with the model's own labels, and the test score would be flattered."""
+    from .errors import PomonaError
+
+    test_paths = list(test["path"])
+    same = {str(Path(p).resolve()) for p in test_paths} & {str(Path(p).resolve()) for p in unlabeled}
+    if same:
+        raise PomonaError(f"--unlabeled holds {len(same)} photo(s) of --test-data, e.g. {sorted(same)[0]}: test "
+                          "photos must never be trained on, not even with guessed labels")
+    features = compute_grouping_features(test_paths + list(unlabeled), device, max_pixels)
+    ft, fu = features[:len(test_paths)], features[len(test_paths):]
+    cut = choose_threshold(cosine_distances(ft), test["label"].to_numpy(dtype=object))
+    close = cross_set_duplicates(fu, ft, cut)
+    if close:
+        i, j, d = close[0]
+        raise PomonaError(f"--unlabeled holds {len(close)} near-duplicate(s) of --test-data photos, e.g. "
+                          f"{unlabeled[i]} ~ {test_paths[j]} (cosine distance {d:.3f}): test photos must never be "
+                          "trained on; remove them from the unlabelled folder")
