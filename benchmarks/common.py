@@ -74,11 +74,11 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def frozen_features_cv(table: pd.DataFrame, fold: np.ndarray, transfer: pd.DataFrame,
-                       name: str = "tf_efficientnet_lite0") -> dict:
+def frozen_features_cv(table: pd.DataFrame, fold: np.ndarray, sets: dict[str, pd.DataFrame],
+                       name: str = "tf_efficientnet_lite0", groups=None) -> dict:
     """The reference on a cross-validation: frozen ImageNet features at 224 px + logistic regression, trained on
-    each fold's other folds (out-of-fold macro-F1 with a bootstrap CI) and on all photos (macro-F1 on `transfer`,
-    another source's photos)."""
+    each fold's other folds (out-of-fold macro-F1 with a bootstrap CI, over `groups` when given) and on all photos
+    (macro-F1 on each of `sets`, photos of another source)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -87,7 +87,7 @@ def frozen_features_cv(table: pd.DataFrame, fold: np.ndarray, transfer: pd.DataF
 
     model = create_backbone(name, "package").eval().to(memory_format=torch.channels_last)
     pre = resolve_preprocessing(model)
-    x, x_transfer = _features(model, pre, list(table["path"])), _features(model, pre, list(transfer["path"]))
+    x = _features(model, pre, list(table["path"]))
     labels = np.asarray(table["label"])
     oof = np.empty(len(labels), dtype=object)
 
@@ -98,11 +98,12 @@ def frozen_features_cv(table: pd.DataFrame, fold: np.ndarray, transfer: pd.DataF
         oof[fold == k] = fit(fold != k).predict(x[fold == k])
     classes = sorted(set(labels))
     y, y_oof = [classes.index(c) for c in labels], [classes.index(c) for c in oof]
-    pred = fit(np.ones(len(labels), bool)).predict(x_transfer)
-    yt, pt = [classes.index(c) for c in transfer["label"]], [classes.index(c) for c in pred]
-    lo, hi = bootstrap_ci(np.array(y), np.array(y_oof))
-    tlo, thi = bootstrap_ci(np.array(yt), np.array(pt))
-    present = sorted(set(yt))
-    return {"oof_f1": macro_f1(y, y_oof), "oof_ci": f"{lo:.2f}-{hi:.2f}", "transfer_f1": macro_f1(yt, pt),
-            "transfer_ci": f"{tlo:.2f}-{thi:.2f}",
-            "transfer_f1_present": float(f1_score(yt, pt, labels=present, average="macro", zero_division=0))}
+    lo, hi = bootstrap_ci(np.array(y), np.array(y_oof), groups=None if groups is None else np.asarray(groups))
+    row = {"oof_f1": macro_f1(y, y_oof), "oof_ci": f"{lo:.2f}-{hi:.2f}"}
+    everything = fit(np.ones(len(labels), bool))
+    for set_name, frames in sets.items():
+        pred = everything.predict(_features(model, pre, list(frames["path"])))
+        yt, pt = [classes.index(c) for c in frames["label"]], [classes.index(c) for c in pred]
+        tlo, thi = bootstrap_ci(np.array(yt), np.array(pt))
+        row.update({f"{set_name}_f1": macro_f1(yt, pt), f"{set_name}_ci": f"{tlo:.2f}-{thi:.2f}"})
+    return row

@@ -134,3 +134,22 @@ def test_unlabelled_near_duplicates_of_test_photos_are_refused(tmp_path):
         check_unlabeled_against_test(test, sorted(str(p) for p in pool.glob("*.jpg")))
     (pool / "copy.jpg").unlink()
     check_unlabeled_against_test(test, sorted(str(p) for p in pool.glob("*.jpg")))  # new photos pass
+
+
+def test_the_report_shows_the_groups_with_example_thumbnails(tmp_path):
+    from pomona.config import Config
+    from pomona.groups import describe_given_groups, write_groups
+    from pomona.report import build_report
+
+    photos = sorted((SHARED / "grocery-apples" / "train" / "Granny-Smith").glob("*.jpg"))[:6]
+    table = pd.DataFrame({"path": [str(p) for p in photos], "label": "Granny-Smith",
+                          "group": ["Granny-Smith/g0"] * 4 + ["Granny-Smith/g1", "Granny-Smith/g2"]})
+    Config().save(tmp_path / "config.json")
+    summary = {"by": "auto", "method": "average linkage (test)", "n_groups": 3, "warnings": ["Granny-Smith: clumped"]}
+    write_groups(tmp_path, table, summary, Config().data)
+    page = build_report(tmp_path).read_text()
+    section = page[page.index('<section id="groups">'):]
+    section = section[:section.index("</section>")]
+    assert "3 groups, by <b>auto</b>" in section and "Warning: Granny-Smith: clumped" in section
+    assert section.count("<img") == 4  # the one group of more than one photo, as thumbnails
+    assert describe_given_groups(table, Config().data)["by"] == "auto"

@@ -30,7 +30,7 @@ section{background:#fff;border-radius:10px;padding:14px 20px;margin:16px 0;box-s
 h2{margin:.2em 0 .6em;font-size:1.15em;color:#2f5d34}table{border-collapse:collapse;font-size:.9em}
 td,th{padding:3px 10px;border-bottom:1px solid #e3e6e0;text-align:left}th{background:#eef2ea}
 .kpi{display:inline-block;margin:0 28px 8px 0}.kpi b{display:block;font-size:1.6em;color:#2f5d34}
-.gallery{display:flex;flex-wrap:wrap;gap:12px}.card{width:190px;font-size:.8em}
+.gallery{display:flex;flex-wrap:wrap;gap:12px}.gallery>img{width:120px;height:120px;object-fit:cover}.card{width:190px;font-size:.8em}
 .card img{width:190px;height:190px;object-fit:cover;border-radius:6px}.bad{color:#a33}
 details pre{background:#f3f3f3;padding:8px;border-radius:6px;overflow:auto;max-height:400px}
 img.plot{max-width:100%}
@@ -215,6 +215,9 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
                 + _table([[c, *[int(v) for v in r]] for c, r in counts.iterrows()], ["class", *counts.columns]))
         section("data", "Data", body)
 
+    if (run_dir / "groups.json").is_file():
+        section("groups", "Near-duplicate groups", _groups_section(run_dir))
+
     if (run_dir / "history.csv").is_file():
         history = pd.read_csv(run_dir / "history.csv")
         best, unfrozen = best_row(history), unfreeze_epoch(history)
@@ -278,6 +281,34 @@ def config_changes(config: dict) -> tuple[list[list], int]:
     given, default = _flat(config), _flat(Config().to_dict())
     rows = [[k, v, default.get(k, "")] for k, v in given.items() if k not in default or default[k] != v]
     return rows, len(given)
+
+
+def _groups_section(run_dir: Path, examples: int = 3, per_group: int = 6) -> str:
+    """How the photos were grouped (groups.json), the group sizes per class, and the largest groups as
+    thumbnails (groups.csv)."""
+    info = _read_json(run_dir / "groups.json") or {}
+    body = (f"<p>{info.get('n_groups', '?')} groups, by <b>{html.escape(str(info.get('by', '?')))}</b>: "
+            f"{html.escape(str(info.get('method') or info.get('note') or ''))}. A group stays on one side of every "
+            "split and fold, so a validation or out-of-fold score is a score on photos of sessions the model never "
+            "saw.</p>")
+    body += "".join(f'<p class="bad">Warning: {html.escape(w)}</p>' for w in info.get("warnings", []))
+    if not (run_dir / "groups.csv").is_file():
+        return body
+    table = pd.read_csv(run_dir / "groups.csv", dtype=str, keep_default_na=False)
+    sizes = table.groupby("group").size()
+    per_class = table.groupby("label").agg(photos=("path", "size"), groups=("group", "nunique"))
+    largest = table.groupby("label")["group"].agg(lambda g: int(g.value_counts().max()))
+    body += _table([[c, int(r.photos), int(r.groups), int(largest[c])] for c, r in per_class.iterrows()],
+                   ["class", "photos", "groups", "largest group"])
+    body += (f"<p>Group sizes: {int((sizes == 1).sum())} single photos, {int(((sizes > 1) & (sizes <= 5)).sum())} "
+             f"of 2-5, {int((sizes > 5).sum())} of more than 5 (largest {int(sizes.max())}).</p>")
+    for group in sizes[sizes > 1].sort_values(ascending=False).index[:examples]:
+        paths = table.loc[table["group"] == group, "path"].head(per_group)
+        thumbs = "".join(f'<img alt="{html.escape(Path(p).name)}" src="{uri}">' for p in paths
+                         if (uri := _thumbnail(p, 120)))
+        body += (f"<h3>{html.escape(group)} ({int(sizes[group])} photos)</h3>"
+                 f'<div class="gallery">{thumbs}</div>')
+    return body
 
 
 def _read_json(path: Path) -> dict | None:
