@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from sklearn.metrics import f1_score
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader

@@ -130,11 +130,13 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--every", type=int, default=1, help="use every Nth fruits360 frame")
     parser.add_argument("--skip-fruits360", action="store_true")
+    parser.add_argument("--skip-grocery", action="store_true")
     parser.add_argument("--run", type=Path, help="a --folds run on grocery train")
     parser.add_argument("--val-run", type=Path, help="a run trained on grocery train with --val-data val")
     args = parser.parse_args()
-    rows = grocery_reference(args.folds)
-    print_table(rows, list(rows[-1]))
+    if not args.skip_grocery:
+        rows = grocery_reference(args.folds)
+        print_table(rows, list(rows[-1]))
     if args.run and args.val_run:
         runs = grocery_runs(args.run, args.val_run)
         print()

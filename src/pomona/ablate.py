@@ -26,7 +26,8 @@ from .atomic import write_json, write_text
 from .balance import plan_balance
 from .checkpoint import TRAINING_STATE, load_run, load_training_state
 from .config import ARMS, AblationSettings, Config
-from .data import DataBundle, prepare_data
+from .data import DataBundle
+from .groups import prepare_run_data
 from .metrics import macro_f1
 from .predict import score_table
 from .train import train_and_evaluate
@@ -145,7 +146,7 @@ def run_ablation(base: Config, out: str | Path, settings: AblationSettings, bund
     """Train every arm for every seed on one split and write results.md / results.json into `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    bundle = bundle or prepare_data(base.data, base.seed)
+    bundle = bundle or prepare_run_data(base)
     minority = list(settings.minority or pick_minority(bundle, settings.n_minority))
     before = bundle.subset("train").groupby("label").size().to_dict()
     if settings.imbalance is not None:

@@ -29,10 +29,10 @@ from typing import Any, Callable, NoReturn
 
 from . import __version__
 from .errors import PomonaError, explain_error, require
-from .config import (AblateCommand, BalanceCommand, Config, EvaluateCommand, ExplainCommand, ExportCommand,
-                     FetchCommand, InputConfig, PredictCommand, PreviewCommand, ReportCommand, ServeCommand,
-                     TrainCommand, TuneCommand, choices, field_docs, load_overrides, merge, out_of_range,
-                     range_problems, set_field)
+from .config import (AblateCommand, BalanceCommand, Config, DoctorCommand, EvaluateCommand, ExplainCommand,
+                     ExportCommand, FetchCommand, InputConfig, PredictCommand, PreviewCommand, ReportCommand,
+                     ServeCommand, SuggestCommand, TrainCommand, TuneCommand, choices, field_docs, load_overrides,
+                     merge, out_of_range, range_problems, set_field)
 
 
 class UsageError(PomonaError):
@@ -133,13 +133,13 @@ def _self_train(cfg: Config, run_dir: Path, dist, overwrite: bool):
     """`train --unlabeled DIR` without folds: a teacher, then students on the confident pseudo-labels (the last
     one into RUN_FOLDER itself, beside teacher/)."""
     from .checkpoint import clear_run_folder
-    from .data import prepare_data
+    from .groups import prepare_run_data
     from .selftrain import index_unlabeled, self_train
     from .train import train_and_evaluate
 
     if dist.enabled:
         raise UsageError("--unlabeled runs in one process (not under torchrun)")
-    bundle = prepare_data(cfg.data, cfg.seed)
+    bundle = prepare_run_data(cfg)
     unlabeled = index_unlabeled(cfg.data.unlabeled, bundle.table["path"])
     if overwrite:
         clear_run_folder(run_dir)
@@ -476,6 +476,50 @@ def _find_mask(path: str, data_root: str, mask_root: str) -> str:
     raise DataLayoutError(f"no mask for {path} in {mask_root} (expected {Path(mask_root) / rel.with_suffix('.*')})")
 
 
+def doctor(s: DoctorCommand) -> int:
+    require("pomona doctor", "cleanlab", "imagehash")
+    from .doctor import KINDS, doctor as check_photos
+    from .index import index_folder
+
+    table = _labelled_table(s)
+    if table is None:
+        raise UsageError("give --data FOLDER (one sub-folder per class) or --csv and --images")
+    test = index_folder(s.test_data) if s.test_data else None
+    if s.run:
+        _run_folder(s.run)
+    result = check_photos(table, s.out, test, s.run, s.device, s.max_pixels, s.folds, s.seed, s.show,
+                          s.keep_features)
+    summary, counts = result.summary, result.summary["findings"]
+    photos = summary["photos"]
+    g = summary["groups"]
+    print(f"{photos['data']} photos, {len(summary['classes'])} classes" +
+          (f" (and {photos['test']} test photos)" if "test" in photos else "") +
+          f": {g['n_groups']} near-duplicate groups (largest {g['largest']}, cut at cosine distance "
+          f"{g['threshold']:.3f})")
+    print("findings: " + ", ".join(f"{counts[k]} {k}" for k in KINDS if counts[k] or k in ("test leak",
+                                                                                          "label conflict")))
+    for w in summary["warnings"]:
+        print(f"warning: {w}")
+    print(f"wrote {Path(s.out) / 'report.html'}, issues.csv ({len(result.issues)} rows, worst first), "
+          "summary.json and groups.csv")
+    return 0
+
+
+def suggest(s: SuggestCommand) -> int:
+    if not s.run or not s.unlabeled:
+        raise UsageError("give --run RUN and --unlabeled DIR")
+    _run_folder(s.run)
+    from .suggest import suggest as rank_photos
+
+    result = rank_photos(s.run, s.unlabeled, s.out, s.n, s.per_group, s.by, s.device, s.engine, s.batch_size)
+    groups = result.picked["group"].nunique()
+    print(f"{len(result.picked)} photos to label next, from {groups} near-duplicate groups; wrote "
+          f"{Path(s.out) / 'suggest.csv'} and suggest.html")
+    if result.skipped:
+        print(f"{len(result.skipped)} photo(s) left out (unreadable, or labelled photos of the run)")
+    return 0
+
+
 def augment_preview(s: PreviewCommand) -> int:
     from .preview import write_augment_preview
 
@@ -520,6 +564,8 @@ COMMANDS: dict[str, Command] = {
     "serve": Command(serve, ServeCommand),
     "explain": Command(explain, ExplainCommand),
     "balance": Command(balance, BalanceCommand),
+    "doctor": Command(doctor, DoctorCommand),
+    "suggest": Command(suggest, SuggestCommand),
     "augment-preview": Command(augment_preview, PreviewCommand),
     "ablate": Command(ablate, AblateCommand),
     "data fetch": Command(data_fetch, FetchCommand),
@@ -658,7 +704,8 @@ def _add_flag(group, f: dataclasses.Field, hint: Any, docs: dict[str, str], pref
     else:
         options.update(type=_optional(kind) if optional else kind,
                        metavar=f.metadata.get("metavar", kind.__name__.upper()))
-    group.add_argument(_flag(f.metadata.get("flag", f.name)), help=help_text, **options)
+    short = [f"-{f.metadata['short']}"] if "short" in f.metadata else []  # e.g. -n for --n
+    group.add_argument(*short, _flag(f.metadata.get("flag", f.name)), help=help_text, **options)
     for alias in f.metadata.get("aliases", []):  # accepted, not listed (e.g. the US spelling of colour)
         group.add_argument(_flag(alias), help=argparse.SUPPRESS, **options)
 

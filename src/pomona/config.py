@@ -640,6 +640,59 @@ class PreviewCommand:
     config: Config = field(default_factory=Config)
 
 
+@dataclass(kw_only=True)
+class DoctorCommand(InputConfig):
+    """Check labelled photos before training: copies and near-duplicates (within a class, under two labels, and
+    test photos that copy training ones), near-duplicate groups, suspect labels (confident learning), image
+    quality, outliers and class balance. Writes report.html, issues.csv, summary.json and groups.csv into --out."""
+
+    out: str
+    """Folder for report.html, issues.csv (one row per finding, worst first), summary.json and groups.csv."""
+    test_data: str | None = None
+    """A labelled test folder (one sub-folder per class) to check too, and against --data: a test photo that
+    copies a training photo is the worst finding."""
+    run: str | None = field(default=None, metadata={"metavar": "RUN"})
+    """A cross-validation run (`pomona train --folds K`) on these photos: its out-of-fold probabilities (oof.csv)
+    rank the suspect labels (default: a logistic regression on frozen features, with group-aware folds)."""
+    folds: int = field(default=5, metadata={"ge": 2})
+    """Folds of the out-of-fold logistic regression (without --run)."""
+    show: int = field(default=40, metadata={"ge": 1})
+    """Findings shown per section of report.html (issues.csv lists every one)."""
+    keep_features: bool = False
+    """Also write features.npy: the frozen features of the photos, one row per row of groups.csv."""
+    seed: int = field(default=0, metadata={"ge": 0, "lt": 2**32})
+    """Seed of the folds."""
+    device: str = "auto"
+    """auto, cpu or cuda (the frozen features)."""
+    max_pixels: int = field(default=64_000_000, metadata={"ge": 1})
+    """Images with more pixels than this are unreadable (as in training)."""
+
+
+@dataclass(kw_only=True)
+class SuggestCommand:
+    """Which unlabelled photos to label next: those the run is least sure of, at most --per-group from one
+    near-duplicate group (one shelf, burst or turntable pass). Writes suggest.csv and suggest.html into --out."""
+
+    out: str
+    """Folder for suggest.csv and suggest.html."""
+    run: str | None = field(default=None, metadata={"metavar": "RUN"})
+    """The run (or --folds ensemble) whose uncertainty ranks the photos."""
+    unlabeled: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """Folder of unlabelled photos (sub-folders are searched too); photos the run was trained on are left out."""
+    n: int = field(default=50, metadata={"ge": 1, "short": "n"})
+    """How many photos to suggest."""
+    per_group: int = field(default=1, metadata={"ge": 1})
+    """At most this many photos of one near-duplicate group (more only when there are too few groups)."""
+    by: Literal["margin", "entropy"] = "margin"
+    """Uncertainty: margin (1 - the gap between the two most probable classes) or entropy."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    engine: Engine = "auto"
+    """Engine of the run's predictions (as `pomona predict`)."""
+    batch_size: int = field(default=32, metadata={"ge": 1})
+    """Photos per model call."""
+
+
 ARMS = ("none", "augmentor", "class_weights", "sampler", "none_matched")
 
 

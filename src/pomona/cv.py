@@ -222,7 +222,10 @@ def write_oof_evaluation(out: Path, oof: pd.DataFrame, classes: list[str], group
     index = {c: i for i, c in enumerate(classes)}
     probs = oof[[f"prob_{c}" for c in classes]].to_numpy()
     metrics = compute_metrics([index[c] for c in oof["label"]], probs.argmax(1), classes, groups=groups)
-    metrics.update(scored_on="out-of-fold predictions", selected_on=None, temperature=cv["temperature"],
+    by = cv["grouping"]["by"]
+    metrics.update(scored_on="out-of-fold predictions, " + (
+        f"folds of whole near-duplicate groups ({cv['grouping']['n_groups']} groups, --group-by {by})" if by != "none"
+        else "random folds (--group-by none: near-duplicates on both sides, optimistic)"), selected_on=None, temperature=cv["temperature"],
                    ece_before=cv["ece_before"], ece_after=cv["ece_after"], skipped_images={})
     order = np.argsort(-probs, axis=1)
     frame = pd.DataFrame({"path": oof["path"].to_numpy(), "label": np.asarray(classes)[order[:, 0]],

@@ -12,7 +12,7 @@ import importlib
 
 EXTRAS = {"fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "python_multipart": "serve",
           "multipart": "serve", "onnx": "serve", "onnxruntime": "serve", "optuna": "tune", "wandb": "tune",
-          "plotly": "tune", "mlflow": "mlflow"}
+          "plotly": "tune", "mlflow": "mlflow", "cleanlab": "doctor", "imagehash": "doctor"}
 """Optional packages and the extra of pomona that installs them (`pip install 'pomona[EXTRA]'`, or from a clone of
 the repository `pip install -e '.[EXTRA]'`)."""
 

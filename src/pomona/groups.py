@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
-    from .config import DataConfig
+    from .config import Config, DataConfig
 
 GROUPING_MODEL = "tf_efficientnet_lite0"
 """The backbone whose frozen features decide near-duplicates (packaged weights: works offline)."""
@@ -118,21 +118,41 @@ def capture_times(paths: list[str]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- the grouping
+def normalize(features: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (cosine distance = 1 - dot product), float32."""
+    x = np.asarray(features, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def cosine_distances(features: np.ndarray) -> np.ndarray:
-    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    """All pairwise cosine distances of a few thousand photos (one class, one test set)."""
+    x = normalize(features).astype(np.float64)
     return np.clip(1.0 - x @ x.T, 0.0, 2.0)
 
 
-def choose_threshold(distances: np.ndarray, labels: np.ndarray) -> float:
+def nearest_distances(features: np.ndarray, labels, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Per photo, the cosine distance to its nearest other photo of the same class and of another class (inf when
+    there is none), in blocks: bounded memory on tens of thousands of photos."""
+    x, labels = normalize(features), np.asarray(labels, dtype=object)
+    codes = np.unique(labels, return_inverse=True)[1]
+    same, other = np.full(len(x), np.inf), np.full(len(x), np.inf)
+    for start in range(0, len(x), block):
+        d = 1.0 - x[start:start + block] @ x.T
+        rows = np.arange(start, min(start + block, len(x)))
+        d[rows - start, rows] = np.inf
+        alike = codes[rows][:, None] == codes[None, :]
+        same[rows] = np.where(alike, d, np.inf).min(1)
+        other[rows] = np.where(alike, np.inf, d).min(1)
+    return np.clip(same, 0.0, None), np.clip(other, 0.0, None)
+
+
+def choose_threshold(features: np.ndarray, labels) -> float:
     """The median over photos of the distance to the nearest photo of another class; with one class, the 75th
     percentile of nearest-neighbour distances (no other variety to compare with)."""
-    d = distances.copy()
-    np.fill_diagonal(d, np.inf)
-    other = labels[:, None] != labels[None, :]
-    if other.any():
-        nearest_other = np.where(other, d, np.inf).min(1)
-        return float(np.median(nearest_other[np.isfinite(nearest_other)]))
-    return float(np.quantile(d.min(1), 0.75))
+    same, other = nearest_distances(features, labels)
+    if np.isfinite(other).any():
+        return float(np.median(other[np.isfinite(other)]))
+    return float(np.quantile(same[np.isfinite(same)], 0.75)) if np.isfinite(same).any() else 0.0
 
 
 class _Union:
@@ -163,28 +183,28 @@ def near_duplicate_groups(features: np.ndarray, labels, names: list[str] | None 
                           times: np.ndarray | None = None, threshold: float | None = None) -> Grouping:
     """Groups of photos (see the module docstring): `features` one row per photo, `labels` their classes, `names`
     their file names (sequence cue), `times` their capture times in seconds (NaN = unknown)."""
-    labels = np.asarray(labels, dtype=object)
+    labels, features = np.asarray(labels, dtype=object), np.asarray(features)
     n = len(labels)
-    dist = cosine_distances(np.asarray(features, dtype=np.float64))
-    cut = choose_threshold(dist, labels) if threshold is None else float(threshold)
+    cut = choose_threshold(features, labels) if threshold is None else float(threshold)
     templates, positions = name_templates(names) if names is not None else ([""] * n, list(range(n)))
     times = np.full(n, np.nan) if times is None else np.asarray(times, dtype=float)
     union = _Union(n)
     cues = {"features": 0, "sequence": 0, "time": 0}
     for key in sorted(set(zip(labels, templates))):
         rows = np.flatnonzero((labels == key[0]) & (np.asarray(templates, dtype=object) == key[1]))
-        clusters = _average_linkage(dist[np.ix_(rows, rows)], cut)
+        dist = cosine_distances(features[rows])
+        clusters = _average_linkage(dist, cut)
         for c in np.unique(clusters):
             members = rows[clusters == c]
             for m in members[1:]:
                 if union.find(m) != union.find(members[0]):
                     union.join(m, members[0])
                     cues["features"] += 1
-        order = rows[np.argsort([positions[i] for i in rows], kind="stable")]
+        order = np.argsort([positions[i] for i in rows], kind="stable")
         steps = dist[order[:-1], order[1:]]
-        if len(rows) >= 3 and np.median(steps) < SEQUENCE_FACTOR * np.median(dist[np.ix_(rows, rows)][
-                np.triu_indices(len(rows), 1)]):  # numbered in the order taken: neighbours look alike
-            for a, b, d in zip(order[:-1], order[1:], steps):  # one burst, or the frames of one pass
+        if len(rows) >= 3 and np.median(steps) < SEQUENCE_FACTOR * np.median(dist[np.triu_indices(len(rows), 1)]):
+            # numbered in the order taken, neighbours alike: one burst, or the frames of one pass
+            for a, b, d in zip(rows[order[:-1]], rows[order[1:]], steps):
                 if d <= cut and union.find(a) != union.find(b):
                     union.join(a, b)
                     cues["sequence"] += 1
@@ -209,19 +229,18 @@ def near_duplicate_groups(features: np.ndarray, labels, names: list[str] | None 
 def split_clumped(grouping: Grouping, labels, features: np.ndarray, needed: int) -> Grouping:
     """Cut the groups of every class that has fewer than `needed` groups finer (average linkage at half the
     cut, then a quarter, ...; at last one photo per group) until it has `needed`, and say so."""
-    labels = np.asarray(labels, dtype=object)
+    labels, features = np.asarray(labels, dtype=object), np.asarray(features)
     groups = grouping.groups.copy()
     warnings, forced = list(grouping.warnings), list(grouping.forced)
-    dist = cosine_distances(np.asarray(features, dtype=np.float64))
     for label in sorted(set(labels)):
         rows = np.flatnonzero(labels == label)
         have = len(set(groups[rows]))
         if have >= needed or len(rows) < needed:
             continue
-        cut = grouping.threshold
+        dist, cut = cosine_distances(features[rows]), grouping.threshold
         while len(set(groups[rows])) < needed:
             cut /= 2
-            clusters = _average_linkage(dist[np.ix_(rows, rows)], cut) if cut > 1e-4 else np.arange(len(rows))
+            clusters = _average_linkage(dist, cut) if cut > 1e-4 else np.arange(len(rows))
             groups[rows] = [f"{g}.{c}" for g, c in zip(grouping.groups[rows], clusters)]
         forced.append(label)
         warnings.append(f"{label}: its {len(rows)} photos fall into {have} near-duplicate group(s), fewer than "
@@ -319,8 +338,7 @@ while a resized, re-compressed or flipped copy lies far below it."""
 def cross_set_duplicates(features_a: np.ndarray, features_b: np.ndarray, cut: float) -> list[tuple[int, int, float]]:
     """(row in a, row in b, distance) of each photo of `a` whose nearest photo in `b` lies within
     `cut * DUPLICATE_FACTOR` (cosine distance), nearest first."""
-    a = features_a / np.maximum(np.linalg.norm(features_a, axis=1, keepdims=True), 1e-12)
-    b = features_b / np.maximum(np.linalg.norm(features_b, axis=1, keepdims=True), 1e-12)
+    a, b = normalize(features_a), normalize(features_b)
     found = []
     for start in range(0, len(a), 1024):  # blocks: bounded memory on tens of thousands of photos
         d = np.clip(1.0 - a[start:start + 1024] @ b.T, 0.0, 2.0)
@@ -344,10 +362,17 @@ def check_unlabeled_against_test(test: pd.DataFrame, unlabeled: list[str], devic
                           "photos must never be trained on, not even with guessed labels")
     features = compute_grouping_features(test_paths + list(unlabeled), device, max_pixels)
     ft, fu = features[:len(test_paths)], features[len(test_paths):]
-    cut = choose_threshold(cosine_distances(ft), test["label"].to_numpy(dtype=object))
+    cut = choose_threshold(ft, test["label"].to_numpy(dtype=object))
     close = cross_set_duplicates(fu, ft, cut)
     if close:
         i, j, d = close[0]
         raise PomonaError(f"--unlabeled holds {len(close)} near-duplicate(s) of --test-data photos, e.g. "
                           f"{unlabeled[i]} ~ {test_paths[j]} (cosine distance {d:.3f}): test photos must never be "
                           "trained on; remove them from the unlabelled folder")
+
+
+def prepare_run_data(cfg: "Config"):
+    """`data.prepare_data` for a run: its split keeps the near-duplicate groups of `--group-by auto` together."""
+    from .data import prepare_data
+
+    return prepare_data(cfg.data, cfg.seed, auto_grouper(cfg.device, cfg.data.max_pixels))

@@ -44,10 +44,10 @@ from .checkpoint import (PROBE_WEIGHTS, TRAINING_STATE, check_new_run_folder, cl
                          load_resumable_state, load_weights, read_json_file, save_run, save_training_state,
                          save_weights)
 from .config import Config, TrainConfig
-from .data import DataBundle, load_split, prepare_data
+from .data import DataBundle, load_split
 from .datasets import DecodedImages, DeviceLoader, ImageDataset, ImageStore, RowDataset
 from .distributed import SINGLE, DistContext
-from .groups import auto_grouper, write_groups
+from .groups import prepare_run_data, write_groups
 from .errors import PomonaError
 from .metrics import accuracy, macro_f1
 from .model import AppleNet, create_model, resolve_device
@@ -567,7 +567,7 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
     else:
         check_new_run_folder(run_dir, overwrite)
         if bundle is None:
-            bundle = prepare_data(cfg.data, cfg.seed, auto_grouper(cfg.device, cfg.data.max_pixels))
+            bundle = prepare_run_data(cfg)
         bundle = bundle.with_absolute_paths()
 
     model = create_model(cfg.model.name, len(bundle.classes), cfg.model.out_features, cfg.model.dropout,

@@ -24,7 +24,8 @@ import optuna
 
 from .atomic import write_json
 from .config import Config, SearchParam, TuneConfig, apply_params, load_search_space
-from .data import DataBundle, prepare_data
+from .data import DataBundle
+from .groups import prepare_run_data
 from .progress import write
 from .study import STUDY_ATTR, create_storage, default_storage, open_study, run_worker, save_results, study_counts
 
@@ -204,7 +205,7 @@ def tune(cfg: Config, tcfg: TuneConfig, out_dir: str | Path) -> tuple[optuna.Stu
     write_json(out / "tune.json", {"tune": asdict(tcfg), "config": cfg.to_dict()})
     cfg.save(out / "config.json")
 
-    bundle = prepare_data(cfg.data, cfg.seed)
+    bundle = prepare_run_data(cfg)
     features = None
     if fast:
         from .features import prepare_features
