@@ -152,7 +152,7 @@ def _fit(x, y):
 
 def label_next(groups: pd.DataFrame, features: np.ndarray, seeds: int = 3, start: int = 5, rounds: int = 3,
                n: int = 50) -> pd.DataFrame:
-    from pomona.doctor import grouping_cut, neighbours
+    from pomona.groups import choose_threshold
     from pomona.suggest import choose_next, uncertainty
 
     table = groups.reset_index(drop=True)
@@ -180,7 +180,7 @@ def label_next(groups: pd.DataFrame, features: np.ndarray, seeds: int = 3, start
                     continue
                 probs = np.zeros((len(left), len(classes)))
                 probs[:, model[-1].classes_] = model.predict_proba(features[left])
-                cut = grouping_cut(neighbours(features[labelled], y[labelled]))
+                cut = choose_threshold(features[labelled], y[labelled])
                 picked, _, _ = choose_next(uncertainty(probs, "margin"), features[left], probs.argmax(1), n,
                                            names=[names[i] for i in left], cut=cut)
                 labelled += list(left[picked])

@@ -111,21 +111,24 @@ def test_the_files_agree(planted):
     assert page.count("data:image/jpeg;base64,") >= 4 and 'src="http' not in page  # opens offline
 
 
-def test_blocked_neighbours_give_the_groups_of_pomona_groups(planted):
+def test_the_groups_are_those_of_pomona_groups_and_the_neighbours_are_blocked(planted):
     from pathlib import Path
 
-    from pomona.doctor import find_groups, grouping_cut, neighbours
-    from pomona.groups import capture_times, choose_threshold, cosine_distances, near_duplicate_groups
+    from pomona.doctor import neighbours
+    from pomona.groups import capture_times, cosine_distances, near_duplicate_groups, nearest_distances
 
     groups = pd.read_csv(planted["out"] / "groups.csv")
     data = (groups["set"] == "data").to_numpy()
     features = np.load(planted["out"] / "features.npy")[data]
     labels, paths = groups["label"][data].to_numpy(dtype=object), list(groups["path"][data])
-    cut = grouping_cut(neighbours(features, labels, block=7))
-    assert cut == pytest.approx(choose_threshold(cosine_distances(features.astype(np.float64)), labels), abs=1e-12)
     expected = near_duplicate_groups(features, labels, [Path(p).name for p in paths], capture_times(paths))
-    assert list(find_groups(features, labels, paths, cut).groups) == list(expected.groups)
     assert list(groups["group"][data]) == list(expected.groups)
+    nb = neighbours(features, labels, k=3, block=7)
+    d = cosine_distances(features)
+    np.fill_diagonal(d, np.inf)
+    assert np.allclose(nb.knn_dist, np.sort(d, 1)[:, :3], atol=1e-5)
+    assert np.allclose(nb.other_dist, nearest_distances(features, labels)[1], atol=1e-5)
+    assert all(labels[nb.other] != labels)
 
 
 def test_a_cross_validation_run_s_out_of_fold_probabilities_rank_the_suspects(planted, tmp_path):

@@ -2,15 +2,18 @@
 
 One pass over the photos (`--data` or `--csv/--images`, and optionally a `--test-data` folder) finds:
 
-- **Duplicates.** A file's SHA-256, its perceptual hash (imagehash's pHash) and the frozen Lite0 features that
-  `pomona.groups` uses. Two photos are near-duplicates when their cosine distance is below
-  `groups.DUPLICATE_FACTOR` (1/3) of the grouping cut, the same test as `groups.cross_set_duplicates`:
+- **Duplicates.** A file's SHA-256, its perceptual hash (imagehash's pHash, and that of its mirror image) and the
+  frozen Lite0 features that `pomona.groups` uses. Two photos are one picture when they are the same file, or
+  share a pHash (`PHASH_COPY`) and their features are close; near-duplicates when their cosine distance is below
+  `groups.DUPLICATE_FACTOR` (1/3) of the grouping cut (the test of `groups.cross_set_duplicates`):
   - a `--test-data` photo that duplicates a `--data` photo (*test leak*, the worst finding: the model trains on
     the photo it is scored on, and the score is flattered);
-  - one photo under two labels (*label conflict*: at least one of them is wrong);
-  - within a class, copies of one picture (*duplicate*: the same file, or the same pHash within distance
-    `PHASH_COPY`, the one or the other mirrored, and features within the duplicate cut). Each copy is one row naming the photo it copies. Photos of one
-    shelf that are merely alike are not listed; they are what the near-duplicate groups are for.
+  - near-identical photos under two labels (*label conflict*: if they show one apple, a label is wrong; if
+    not, the photos do not tell the two varieties apart);
+  - within a class, copies of one picture (*duplicate*: the same file, or the same pHash with features within
+    the duplicate cut); each copy is one row naming the earlier photo it copies, and a class most of whose
+    photos are copies (video or turntable frames) gets a warning. Photos of one shelf that are merely alike
+    are not listed: they are what the near-duplicate groups are for.
 - **Groups.** The near-duplicate groups that splits and folds keep whole (`groups.near_duplicate_groups`, with the
   same cut), their number and sizes, and a warning for a class that lives in one or two groups: no split can hold
   out another shelf of it, so its validation score is optimistic.
@@ -20,8 +23,8 @@ One pass over the photos (`--data` or `--csv/--images`, and optionally a `--test
   class cut into at least `--folds` groups as `pomona train --folds` does), so that no photo is scored by a model
   that trained on its near-duplicates.
 - **Image quality.** Unreadable files (what training would skip), tiny photos, extreme aspect ratios, blur
-  (variance of the Laplacian), too dark or too bright; each relative to the collection's median, so that a set
-  of small or white-background photos is not flagged as a whole.
+  (variance of the Laplacian over that of the grey levels), too dark or too bright; each relative to the
+  collection's median, so that a set of small or white-background photos is not flagged as a whole.
 - **Outliers.** Photos whose mean distance to their `OUTLIER_K` nearest neighbours is far above the
   collection's (robust z-score of its logarithm above `OUTLIER_Z`): not like the others.
 - **Balance.** Photos per class and per group, and what `pomona train --balance max` would generate.
@@ -44,14 +47,19 @@ import numpy as np
 import pandas as pd
 
 from .errors import PomonaError
-from .groups import DUPLICATE_FACTOR, GROUPING_MODEL
+from .groups import (DUPLICATE_FACTOR, GROUPING_MODEL, choose_threshold, cross_set_duplicates, normalize,
+                     split_clumped)
 from .progress import Progress, write
 
 PHASH_COPY = 2
 """Two photos whose 64-bit pHashes differ in at most this many bits, the one or the other mirrored left-right, are
-one picture when their features are close too: within the grouping cut for test leaks and label conflicts
-(`same_picture`), within the duplicate cut for copies within a class. Resized, re-compressed and flipped copies
-keep their pHash; a cropped copy does not, and is found only when its features are within the duplicate cut."""
+one picture when their features are close too: within SAME_PICTURE_FACTOR grouping cuts for test leaks and
+label conflicts (`same_picture`), within the duplicate cut for copies within a class. Resized, re-compressed and
+flipped copies keep their pHash; a cropped copy does not, and is found only when its features are within the
+duplicate cut."""
+SAME_PICTURE_FACTOR = 1.5
+"""See `same_picture`: on the grocery photos a flipped copy shrunk to 40% and re-compressed at quality 30-60 lies
+at about the grouping cut; different fruits360 frames that share a pHash lie at 2 cuts and more."""
 STATS_SIDE = 256
 """Blur and brightness are measured on the photo resized to this square, so that resolution does not matter."""
 BLUR_FACTOR = 10.0
@@ -69,6 +77,8 @@ MAX_RATIO = 3.0
 OUTLIER_K, OUTLIER_Z, OUTLIER_MIN_PHOTOS = 5, 3.5, 20
 """Outliers: mean cosine distance to the K nearest photos of the set; flagged above this robust z-score of its
 logarithm (median and MAD), in sets of at least this many readable photos."""
+COPY_SHARE = 0.5
+"""A class more than this share of whose photos are copies of one another is warned about (video frames)."""
 FEW_GROUPS = 2
 """A class whose photos fall into at most this many near-duplicate groups is warned about."""
 LOGISTIC_C = 0.1
@@ -144,11 +154,6 @@ def _save_npy(path: str, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def _unit(features: np.ndarray) -> np.ndarray:
-    x = np.asarray(features, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 @dataclass
 class Neighbours:
     """Within one set of photos: the k nearest photos of each (indices and cosine distances, nearest first) and
@@ -162,11 +167,11 @@ class Neighbours:
 
 def neighbours(features: np.ndarray, labels: np.ndarray, k: int = OUTLIER_K, block: int = 1024) -> Neighbours:
     """`Neighbours` from blocks of the distance matrix (memory: block x N, never N x N)."""
-    x = _unit(features)
+    x = normalize(features)
     n = len(x)
     codes = np.unique(np.asarray(labels, dtype=object), return_inverse=True)[1]
     k = max(0, min(k, n - 1))
-    knn, knn_dist = np.zeros((n, k), np.int64), np.zeros((n, k))
+    knn, knn_dist = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
     other, other_dist = np.full(n, -1), np.full(n, np.inf)
     for start in range(0, n, block):
         stop = min(n, start + block)
@@ -183,15 +188,6 @@ def neighbours(features: np.ndarray, labels: np.ndarray, k: int = OUTLIER_K, blo
         other_dist[start:stop] = d[rows, nearest]
         other[start:stop] = np.where(np.isfinite(other_dist[start:stop]), nearest, -1)
     return Neighbours(knn, knn_dist, other, other_dist)
-
-
-def grouping_cut(nb: Neighbours) -> float:
-    """`groups.choose_threshold` from the neighbours: the median distance of a photo to its nearest photo of
-    another class (with one class, the 75th percentile of nearest-neighbour distances)."""
-    finite = nb.other_dist[np.isfinite(nb.other_dist)]
-    if len(finite):
-        return float(np.median(finite))
-    return float(np.quantile(nb.knn_dist[:, 0], 0.75)) if nb.knn_dist.size else 1.0
 
 
 def phash_pairs(stats: pd.DataFrame, others: pd.DataFrame | None = None, limit: int = PHASH_COPY,
@@ -229,10 +225,11 @@ def _distances(x: np.ndarray, y: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 
 
 def same_picture(pairs: np.ndarray, d: np.ndarray, cut: float) -> np.ndarray:
-    """Which pHash pairs (within PHASH_COPY bits) are one picture: their features are also within the grouping
-    cut. (A resized, re-compressed copy keeps its pHash, while its features can move past the duplicate cut;
-    two different photos of a plain background can share a pHash, but not close features.)"""
-    return d <= cut
+    """Which pHash pairs (within PHASH_COPY bits) are one picture: their features are also within
+    SAME_PICTURE_FACTOR times the grouping cut. (A copy shrunk to 40% and re-compressed keeps its pHash while
+    its features move as far as photos of one shelf lie apart; two different photos of a plain background can
+    share a pHash, but their features lie further apart.)"""
+    return d <= SAME_PICTURE_FACTOR * cut
 
 
 # ------------------------------------------------------------------------------------------- findings
@@ -256,9 +253,6 @@ def duplicate_findings(paths: list[str], labels: np.ndarray, stats: pd.DataFrame
                        nb: Neighbours, cut: float, set_name: str) -> list[dict]:
     """Label conflicts (a photo of another class within the duplicate cut, or the same file) and copies within a
     class (the same file, or the same pHash and near-duplicate features) of one set; `x` unit features."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     close = cut * DUPLICATE_FACTOR
     sha = stats["sha256"].to_numpy()
     n = len(paths)
@@ -266,11 +260,8 @@ def duplicate_findings(paths: list[str], labels: np.ndarray, stats: pd.DataFrame
     def bits(i: int, j: int) -> int:
         return hash_bits(stats.iloc[i], stats.iloc[j])
 
-    def dist(i: int, j: int) -> float:
-        return float(np.clip(1.0 - x[i] @ x[j], 0.0, 2.0))
-
     found = []
-    conflicts = {}  # one photo, two labels: features within the duplicate cut, or the same picture
+    conflicts = {}  # near-identical photos under two labels: features within the duplicate cut, or the same picture
     for i in np.flatnonzero(nb.other_dist <= close):
         conflicts.setdefault((min(i, int(nb.other[i])), max(i, int(nb.other[i]))), float(nb.other_dist[i]))
     pairs = phash_pairs(stats)
@@ -279,8 +270,9 @@ def duplicate_findings(paths: list[str], labels: np.ndarray, stats: pd.DataFrame
     for (i, j), dij in zip(pairs[across], d[across]):
         conflicts.setdefault((int(i), int(j)), float(dij))
     for (i, j), dij in sorted(conflicts.items(), key=lambda kv: kv[1]):
-        found.append(_row(paths[i], "label conflict", 1 - dij / cut, f"one photo under two labels, {labels[i]} and "
-                          f"{labels[j]}: look at both and keep the right label (remove the other copy)",
+        found.append(_row(paths[i], "label conflict", 1 - dij / cut, f"near-identical photos under two labels, "
+                          f"{labels[i]} and {labels[j]}: if they show the same apple, one label is wrong (keep "
+                          "the right one); if not, the photos do not tell these varieties apart",
                           other=paths[j], set_name=set_name, label=labels[i], other_label=labels[j],
                           detail=_how_alike(sha[i] == sha[j], bits(i, j), dij)))
     # copies within a class: same file, or same pHash with near-duplicate features
@@ -288,24 +280,29 @@ def duplicate_findings(paths: list[str], labels: np.ndarray, stats: pd.DataFrame
     same = np.asarray([(g[0], g[k]) for g in by_sha for k in range(1, len(g))], np.int64).reshape(-1, 2)
     pairs = np.concatenate([pairs, same])
     d = np.concatenate([d, _distances(x, x, same)])
-    if len(pairs):
-        i, j = pairs[:, 0], pairs[:, 1]
-        keep = (labels[i] == labels[j]) & ((sha[i] == sha[j]) | (d <= close))
-        i, j = i[keep], j[keep]
-        graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
-        count, component = connected_components(graph, directed=False)
-        sizes = np.bincount(component, minlength=count)
-        for c in np.flatnonzero(sizes > 1):
-            members = np.flatnonzero(component == c)
-            keeper = members[0]
-            for m in members[1:]:
-                d = dist(m, keeper)
-                found.append(_row(paths[m], "duplicate", 1 - d / cut, f"a copy of {paths[keeper]}: keep one of "
-                                  f"the {len(members)} (copies weigh one picture several times)",
-                                  other=paths[keeper], set_name=set_name, label=labels[m],
-                                  other_label=labels[keeper], detail=_how_alike(sha[m] == sha[keeper],
-                                                                                bits(m, keeper), d)))
+    same_class = (labels[pairs[:, 0]] == labels[pairs[:, 1]]) & ((sha[pairs[:, 0]] == sha[pairs[:, 1]]) | (d <= close))
+    copies = pd.DataFrame({"i": pairs[same_class, 0], "j": pairs[same_class, 1], "d": d[same_class]})
+    # each photo that copies an earlier one (in table order) names the nearest of those: n - 1 rows for n copies
+    for r in copies.sort_values("d", kind="stable").drop_duplicates("j").sort_values("j").itertuples():
+        i, j = int(r.i), int(r.j)
+        found.append(_row(paths[j], "duplicate", 1 - r.d / cut, f"a copy of {paths[i]} in its class: keep one of "
+                          "the two (a copy weighs one picture twice)", other=paths[i], set_name=set_name,
+                          label=labels[j], other_label=labels[i], detail=_how_alike(sha[i] == sha[j], bits(i, j),
+                                                                                    float(r.d))))
     return found
+
+
+def copy_warnings(issues: list[dict], labels: np.ndarray) -> list[str]:
+    """Classes most of whose photos are copies of one another (video or turntable frames)."""
+    frame = pd.DataFrame([r for r in issues if r["kind"] == "duplicate" and r["set"] == "data"],
+                         columns=["photo", "other_photo", "label"])
+    involved = pd.concat([frame[["photo", "label"]], frame[["other_photo", "label"]].set_axis(
+        ["photo", "label"], axis=1)]).drop_duplicates().groupby("label").size()
+    counts = pd.Series(labels).value_counts()
+    return [f"{label}: {k} of its {counts[label]} photos are near-identical copies of another of its photos (the "
+            "frames of a video or of a turntable pass?): the near-duplicate groups keep them on one side of a "
+            "split, and `pomona train --train-every-nth N` trains on every Nth of them at little cost"
+            for label, k in involved.items() if k > COPY_SHARE * counts[label]]
 
 
 def _median(values: pd.Series) -> float:
@@ -374,24 +371,11 @@ def outlier_findings(paths: list[str], labels: np.ndarray, nb: Neighbours, set_n
 
 # ------------------------------------------------------------------------------------------- groups
 def find_groups(features: np.ndarray, labels: np.ndarray, paths: list[str], cut: float):
-    """`groups.near_duplicate_groups` of the photos at the cut `cut` (computed from blocks by `grouping_cut`, so
-    that the full N x N distance matrix is built once, not three times)."""
+    """`groups.near_duplicate_groups` of the photos, at the cut `cut` (`groups.choose_threshold`, computed once
+    for every set)."""
     from .groups import capture_times, near_duplicate_groups
 
     return near_duplicate_groups(features, labels, [Path(p).name for p in paths], capture_times(paths), cut)
-
-
-def fold_groups(grouping, labels: np.ndarray, features: np.ndarray, folds: int) -> np.ndarray:
-    """The groups cut finer where a class has fewer than `folds` of them (`groups.split_clumped`, class by
-    class: the same result, with memory of the largest class only)."""
-    from .groups import Grouping, split_clumped
-
-    groups = grouping.groups.copy()
-    for label in np.unique(labels):
-        rows = np.flatnonzero(labels == label)
-        part = Grouping(grouping.groups[rows], grouping.threshold, grouping.method)
-        groups[rows] = split_clumped(part, labels[rows], features[rows], folds).groups
-    return groups
 
 
 def group_warnings(labels: np.ndarray, groups: np.ndarray) -> list[str]:
@@ -480,6 +464,34 @@ def balance_summary(labels: np.ndarray, groups: np.ndarray) -> dict:
                     "(1 - --val-fraction) of these numbers, or (K-1)/K of them per fold with --folds K"}
 
 
+def leak_findings(test: dict, data: dict, cut: float) -> list[dict]:
+    """Test photos that copy a --data photo: the same file, the same picture (`same_picture`), or features within
+    the duplicate cut (`groups.cross_set_duplicates`); the nearest such photo of --data for each."""
+    tok, dok = test["ok"], data["ok"]
+    found = {}
+    for i, j, d in cross_set_duplicates(test["features"][tok], data["features"][dok], cut):
+        found[int(tok[i])] = (int(dok[j]), d)
+    pairs = phash_pairs(test["stats"].iloc[tok], data["stats"].iloc[dok])
+    d = _distances(normalize(test["features"][tok]), normalize(data["features"][dok]), pairs)
+    keep = same_picture(pairs, d, cut)
+    for (i, j), dij in zip(pairs[keep], d[keep]):
+        if int(tok[i]) not in found or dij < found[int(tok[i])][1]:
+            found[int(tok[i])] = (int(dok[j]), float(dij))
+    by_sha = {s: i for i, s in reversed(list(enumerate(data["stats"]["sha256"]))) if s}
+    for i, s in enumerate(test["stats"]["sha256"]):
+        if s in by_sha and i not in found:
+            found[i] = (by_sha[s], 0.0)
+    rows = []
+    for i, (j, d) in sorted(found.items(), key=lambda kv: kv[1][1]):
+        same = test["stats"]["sha256"][i] == data["stats"]["sha256"][j]
+        rows.append(_row(test["paths"][i], "test leak", 1 - d / cut, f"a copy of the training photo "
+                         f"{data['paths'][j]}: remove it from the test set (or that photo from --data); a test photo "
+                         "the model trained on flatters the score", other=data["paths"][j], set_name="test",
+                         label=test["labels"][i], other_label=data["labels"][j],
+                         detail=_how_alike(same, hash_bits(test["stats"].iloc[i], data["stats"].iloc[j]), d)))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------- the whole check
 def doctor(table: pd.DataFrame, out: str | Path, test: pd.DataFrame | None = None, run: str | Path | None = None,
            device: str = "auto", max_pixels: int = 64_000_000, folds: int = 5, seed: int = 0, show: int = 40,
@@ -489,7 +501,7 @@ def doctor(table: pd.DataFrame, out: str | Path, test: pd.DataFrame | None = Non
     out-of-fold probabilities. `features`: the grouping features of the table's photos then the test's (computed
     when not given)."""
     from .atomic import write_csv, write_json, write_text
-    from .groups import compute_grouping_features, cross_set_duplicates
+    from .groups import compute_grouping_features
 
     start = time.perf_counter()
     out = Path(out)
@@ -518,12 +530,15 @@ def doctor(table: pd.DataFrame, out: str | Path, test: pd.DataFrame | None = Non
         offset += n
         paths, labels = list(frame["path"]), frame["label"].to_numpy(dtype=object)
         ok = np.flatnonzero(stats["error"].to_numpy() == "")
+        if not len(ok):
+            raise PomonaError(f"none of the {n} photos of {name} could be read (e.g. {paths[0]}: "
+                              f"{stats['error'][0]})")
         issues += quality_findings(paths, labels, stats, name)
         nb = neighbours(feats[ok], labels[ok])
         if cut is None:  # the grouping cut of --data, used for every set
-            cut = grouping_cut(nb)
+            cut = choose_threshold(feats[ok], labels[ok])
         ok_paths = [paths[i] for i in ok]
-        x = _unit(feats[ok])
+        x = normalize(feats[ok])
         issues += duplicate_findings(ok_paths, labels[ok], stats.iloc[ok].reset_index(drop=True), x, nb, cut, name)
         issues += outlier_findings(ok_paths, labels[ok], nb, name)
         grouping = find_groups(feats[ok], labels[ok], ok_paths, cut)
@@ -536,35 +551,10 @@ def doctor(table: pd.DataFrame, out: str | Path, test: pd.DataFrame | None = Non
     data = info["data"]
     ok, labels = data["ok"], data["labels"]
     grouping = data["grouping"]
-    warnings_ = group_warnings(labels[ok], grouping.groups)
+    warnings_ = group_warnings(labels[ok], grouping.groups) + copy_warnings(issues, labels)
 
-    # test photos that duplicate --data photos
-    leaks = 0
-    if "test" in info:
-        t = info["test"]
-        tok, dok = t["ok"], data["ok"]
-        found = {}
-        for i, j, d in cross_set_duplicates(t["features"][tok], data["features"][dok], cut):
-            found[int(tok[i])] = (int(dok[j]), d)
-        pairs = phash_pairs(t["stats"].iloc[tok], data["stats"].iloc[dok])
-        d = _distances(_unit(t["features"][tok]), _unit(data["features"][dok]), pairs)
-        keep = same_picture(pairs, d, cut)
-        for (i, j), dij in zip(pairs[keep], d[keep]):
-            if int(tok[i]) not in found or dij < found[int(tok[i])][1]:
-                found[int(tok[i])] = (int(dok[j]), float(dij))
-        by_sha = {s: i for i, s in reversed(list(enumerate(data["stats"]["sha256"]))) if s}
-        for i, s in enumerate(t["stats"]["sha256"]):
-            if s in by_sha and i not in found:
-                found[i] = (by_sha[s], 0.0)
-        for i, (j, d) in sorted(found.items(), key=lambda kv: kv[1][1]):
-            same = t["stats"]["sha256"][i] == data["stats"]["sha256"][j]
-            bits = hash_bits(t["stats"].iloc[i], data["stats"].iloc[j])
-            issues.append(_row(t["paths"][i], "test leak", 1 - d / cut, f"a copy of the training photo "
-                               f"{data['paths'][j]}: remove it from the test set (or that photo from --data); a "
-                               "test photo the model trained on flatters the score", other=data["paths"][j],
-                               set_name="test", label=t["labels"][i], other_label=labels[j],
-                               detail=_how_alike(same, bits, d)))
-        leaks = len(found)
+    leaks = leak_findings(info["test"], data, cut) if "test" in info else []
+    issues += leaks
 
     # suspect labels
     classes = sorted(set(labels))
@@ -574,12 +564,15 @@ def doctor(table: pd.DataFrame, out: str | Path, test: pd.DataFrame | None = Non
         source = f"the out-of-fold probabilities of {run} (oof.csv)"
     else:
         probs = np.full((len(labels), len(classes)), np.nan)
-        groups = fold_groups(grouping, labels[ok], data["features"][ok], folds)
+        groups = split_clumped(grouping, labels[ok], data["features"][ok], folds).groups
         probs[ok] = out_of_fold_probs(data["features"][ok], y[ok], groups, len(classes), folds, seed)
         source = (f"a logistic regression on frozen {GROUPING_MODEL} features, {folds} stratified folds keeping "
                   "near-duplicate groups whole")
     scored = np.flatnonzero(~np.isnan(probs).any(1))
-    ranked = scored[suspect_labels(y[scored], probs[scored])]
+    ranked = scored[suspect_labels(y[scored], probs[scored])] if len(scored) else scored
+    if run and len(scored) < len(ok):
+        warnings_.append(f"{run}/oof.csv scores {len(scored)} of the {len(ok)} readable photos (matched by "
+                         "path): suspects are looked for among those only")
     suspects = pd.DataFrame({"row": ranked, "path": [data["paths"][i] for i in ranked], "label": labels[ranked],
                              "suggested": [classes[k] for k in probs[ranked].argmax(1)],
                              "confidence": probs[ranked].max(1), "p_label": probs[ranked, y[ranked]]})
@@ -605,7 +598,7 @@ def doctor(table: pd.DataFrame, out: str | Path, test: pd.DataFrame | None = Non
         "suspects": {"method": "cleanlab.filter.find_label_issues, ranked by self-confidence", "probabilities": source,
                      "scored": int(len(scored))},
         "balance": balance_summary(labels[ok], grouping.groups), "warnings": warnings_,
-        "test_leaks": leaks, "seconds": round(time.perf_counter() - start, 1),
+        "test_leaks": len(leaks), "seconds": round(time.perf_counter() - start, 1),
         "files": ["report.html", "issues.csv", "summary.json", "groups.csv"] + (["features.npy"] if keep_features
                                                                                 else []),
     }
@@ -699,7 +692,7 @@ def doctor_page(issues: pd.DataFrame, summary: dict, suspects: pd.DataFrame, sho
                          _pairs(leaks, thumbs, show, "test", "training") if len(leaks) else
                          "<p>None: no test photo is a copy or near-duplicate of a training photo.</p>"))
     conflicts = of("label conflict")
-    sections.append(("conflicts", f"One photo, two labels ({len(conflicts)})",
+    sections.append(("conflicts", f"Near-identical photos under two labels ({len(conflicts)})",
                      _pairs(conflicts, thumbs, show, "", "") if len(conflicts) else "<p>None.</p>"))
     cards = []
     for r in suspects.head(show).itertuples():
@@ -731,5 +724,6 @@ def doctor_page(issues: pd.DataFrame, summary: dict, suspects: pd.DataFrame, sho
     rows = [[c, v["photos"], v["groups"], v["largest_group"], v["balance_max_adds"]] for c, v in b["per_class"].items()]
     sections.append(("balance", "Balance", _table(rows, ["class", "photos", "groups", "largest group",
                                                          "--balance max adds"])
-                     + f'<p class="note">Largest class / smallest: {b["imbalance"]:.1f}. {html.escape(b["note"])}.</p>'))
+                     + f'<p class="note">Largest class / smallest: {b["imbalance"]:.1f}. '
+                       f'{html.escape(b["note"])}.</p>'))
     return page("pomona doctor", "what to fix before training", sections)

@@ -60,7 +60,7 @@ def choose_next(scores: np.ndarray, features: np.ndarray, predicted: np.ndarray,
     (then more per group only if there are too few groups). The groups' cosine-distance cut is `cut`, or
     `groups.choose_threshold` with the `predicted` classes. Returns (picked rows in order, candidate rows, their
     group names)."""
-    from .groups import choose_threshold, cosine_distances, near_duplicate_groups
+    from .groups import choose_threshold, near_duplicate_groups
 
     scores = np.asarray(scores, dtype=np.float64)
     usable = np.flatnonzero(np.isfinite(scores))
@@ -71,7 +71,7 @@ def choose_next(scores: np.ndarray, features: np.ndarray, predicted: np.ndarray,
         return cand, cand, np.array([], dtype=object)
     f = np.asarray(features, dtype=np.float64)[cand]
     if cut is None:
-        cut = choose_threshold(cosine_distances(f), np.asarray(predicted, dtype=object)[cand])
+        cut = choose_threshold(f, np.asarray(predicted, dtype=object)[cand])
     grouping = near_duplicate_groups(f, np.full(len(cand), "g", dtype=object),
                                      [names[i] for i in cand] if names is not None else None,
                                      None if times is None else np.asarray(times, dtype=float)[cand], cut)
