@@ -11,9 +11,11 @@ if [ ! -d "$DATA/train" ]; then
 fi
 RUN=${RUN:-runs/grocery}
 
-# val/ holds photos of shelves that train/ does not show. The run keeps its last epoch, so nothing is selected on
-# them: the table train prints at the end (RUN/eval/) is an honest score. --overwrite: a rerun replaces its own run.
-pomona train --data "$DATA/train" --val-data "$DATA/val" --out "$RUN" --overwrite "$@"
+# The validation photos are drawn from train/ as whole near-duplicate groups (--group-by auto: photos of one
+# shelf session stay on one side), so the validation score, with its CI over groups, estimates photos of sessions
+# the model never saw. val/ holds photos of shelves train/ does not show at all: they are the test set, scored once
+# at the end. The run keeps its last epoch, so nothing is selected on either. --overwrite: a rerun replaces it.
+pomona train --data "$DATA/train" --test-data "$DATA/val" --out "$RUN" --overwrite "$@"
 
 # The same photos through `pomona predict`, as you would predict your own: a CSV (with the "not sure" verdict)
 # and each photo with its answer drawn on it.

@@ -331,8 +331,9 @@ def write_groups(run_dir: str | Path, table: pd.DataFrame, grouping: dict | None
 
 DUPLICATE_FACTOR = 1 / 3
 """Two photos of different sets are near-duplicates when their distance is below this fraction of the grouping
-cut: on the grocery photos, photos of new shelves lie at >= 0.45 of the cut from their nearest training photo,
-while a resized, re-compressed or flipped copy lies far below it."""
+cut. On the grocery photos, photos of new shelves lie at >= 0.45 of the cut from their nearest training photo, and
+lightly resized or re-compressed copies far below a third of it; a copy shrunk to half and re-compressed at JPEG
+quality 30-60 can lie near the whole cut, and is missed here (`pomona doctor` adds perceptual hashes for it)."""
 
 
 def cross_set_duplicates(features_a: np.ndarray, features_b: np.ndarray, cut: float) -> list[tuple[int, int, float]]:
