@@ -114,7 +114,7 @@ def test_the_files_agree(planted):
 def test_the_groups_are_those_of_pomona_groups_and_the_neighbours_are_blocked(planted):
     from pathlib import Path
 
-    from pomona.doctor import neighbours
+    from pomona.doctor_checks import neighbours
     from pomona.groups import capture_times, cosine_distances, near_duplicate_groups, nearest_distances
 
     groups = pd.read_csv(planted["out"] / "groups.csv")

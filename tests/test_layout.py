@@ -19,8 +19,9 @@ LAYERS = [
     ["onnx_io", "engine", "checkpoint"],
     ["datasets", "distributed", "extract", "groups", "plan", "train", "features", "selftrain", "cv"],
     ["predict", "annotate", "report", "explain", "export", "serve"],
-    ["study", "tune", "tracking", "ablate", "preview", "fetch", "doctor", "suggest"],
-    ["cli", "__main__", "runtime", "__init__"],
+    ["study", "tune", "tracking", "ablate", "preview", "fetch", "doctor", "doctor_checks", "doctor_page", "suggest",
+     "workflows"],
+    ["cli", "cliargs", "__main__", "runtime", "__init__"],
 ]
 LAYER = {module: i for i, modules in enumerate(LAYERS) for module in modules}
 

@@ -130,6 +130,11 @@ class TrainConfig:
     """Number of epochs."""
     batch_size: int = field(default=32, metadata={"ge": 1, "basic": True})
     """Images per optimisation step."""
+    micro_batch: int | None = field(default=None, metadata={"ge": 0})
+    """Images per forward and backward pass: each batch runs in slices of this many whose gradients add up to
+    the batch's (the same step, with one slice's activations in memory instead of the whole batch's) when the
+    backbone is fine-tuned with --freeze-bn (batch-norm layers then see no batch statistics); 0 = whole batches;
+    default: 8 on the CPU, whole batches on a GPU."""
     optimizer: Literal["adamw", "adam", "rmsprop", "sgd"] = "adamw"
     """The optimiser."""
     lr: float = field(default=1e-3, metadata={"gt": 0, "basic": True})

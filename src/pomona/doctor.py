@@ -32,13 +32,14 @@ One pass over the photos (`--data` or `--csv/--images`, and optionally a `--test
 Written into the output folder: `report.html` (self-contained: small JPEG thumbnails embedded, each pair side
 by side), `issues.csv` (one row per finding, worst kinds first), `summary.json`, `groups.csv` (path, label, set,
 group) and, with `keep_features`, `features.npy` (one row per row of groups.csv).
+
+Here: the whole check (`doctor`), the groups, the suspect labels and the balance. The checks that look at the
+photos themselves (one pass per photo, pHashes, neighbours; duplicates, test leaks, quality, outliers) are
+`pomona.doctor_checks`, where PHASH_COPY, OUTLIER_K and the other thresholds live; the page is `pomona.doctor_page`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import html
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,49 +47,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .doctor_checks import (ISSUE_COLUMNS, KINDS, copy_warnings, duplicate_findings, issue_row, leak_findings,
+                            neighbours, outlier_findings, photo_stats, quality_findings)
+from .doctor_page import doctor_page
 from .errors import PomonaError
-from .groups import (DUPLICATE_FACTOR, GROUPING_MODEL, choose_threshold, cross_set_duplicates, normalize,
-                     split_clumped)
-from .progress import Progress, write
+from .groups import DUPLICATE_FACTOR, GROUPING_MODEL, choose_threshold, normalize, split_clumped
+from .progress import write
 
-PHASH_COPY = 2
-"""Two photos whose 64-bit pHashes differ in at most this many bits, the one or the other mirrored left-right, are
-one picture when their features are close too: within SAME_PICTURE_FACTOR grouping cuts for test leaks and
-label conflicts (`same_picture`), within the duplicate cut for copies within a class. Resized, re-compressed and
-flipped copies keep their pHash; a cropped copy does not, and is found only when its features are within the
-duplicate cut."""
-SAME_PICTURE_FACTOR = 1.5
-"""See `same_picture`: on the grocery photos a flipped copy shrunk to 40% and re-compressed at quality 30-60 lies
-at about the grouping cut; different fruits360 frames that share a pHash lie at 2 cuts and more."""
-STATS_SIDE = 256
-"""Blur and brightness are measured on the photo resized to this square, so that resolution does not matter."""
-BLUR_FACTOR = 10.0
-"""Blurred: sharpness (variance of the Laplacian over the variance of the grey levels) below 1/BLUR_FACTOR of
-the collection's median."""
-EXPOSURE_FACTOR = 0.3
-"""Too dark: mean brightness below this fraction of the collection's median; too bright: the headroom to white
-(255 - brightness) below this fraction of the median headroom."""
-DARKEST, BRIGHTEST = 20.0, 240.0
-"""Mean brightness (0-255) below or above which a photo is too dark or too bright whatever the collection."""
-TINY_SIDE = 64
-"""Tiny: shorter side below this many pixels, or below a quarter of the collection's median shorter side."""
-MAX_RATIO = 3.0
-"""Extreme aspect ratio: longer side more than this many times the shorter (the centre crop keeps a strip)."""
-OUTLIER_K, OUTLIER_Z, OUTLIER_MIN_PHOTOS = 5, 3.5, 20
-"""Outliers: mean cosine distance to the K nearest photos of the set; flagged above this robust z-score of its
-logarithm (median and MAD), in sets of at least this many readable photos."""
-COPY_SHARE = 0.5
-"""A class more than this share of whose photos are copies of one another is warned about (video frames)."""
 FEW_GROUPS = 2
 """A class whose photos fall into at most this many near-duplicate groups is warned about."""
 LOGISTIC_C = 0.1
 """Inverse regularisation of the out-of-fold logistic regression on standardised frozen features."""
-
-KINDS = ["test leak", "label conflict", "suspect label", "duplicate", "unreadable", "blurred", "too dark",
-         "too bright", "tiny", "extreme aspect ratio", "outlier"]
-"""The kinds of finding, worst first (the order of issues.csv and of the report)."""
-ISSUE_COLUMNS = ["photo", "kind", "score", "suggestion", "other_photo", "set", "label", "other_label",
-                 "suggested_label", "confidence", "detail"]
 
 
 @dataclass
@@ -104,269 +73,9 @@ class DoctorResult:
     """The suspect labels, most suspect first: row (of the data table), path, label, suggested, confidence, p_label."""
 
 
-# ------------------------------------------------------------------------------------------- one pass per photo
-def photo_stats(paths: list[str], max_pixels: int = 64_000_000) -> pd.DataFrame:
-    """Per photo: width, height (upright), brightness (mean grey level 0-255), sharpness (variance of the
-    Laplacian at STATS_SIDE x STATS_SIDE over the variance of the grey levels: a darker or flatter photo is not
-    taken for a blurred one), phash and phash_mirror (64-bit pHashes of the photo and of its left-right
-    mirror image), sha256 of the file, and the error of an
-    unreadable one (as training would skip it)."""
-    import imagehash
-    from PIL import Image
-
-    from .images import BadImageError, image_size, load_image
-
-    rows = []
-    for path in Progress(paths, desc="checking photos", unit="img"):
-        row = {"width": np.nan, "height": np.nan, "brightness": np.nan, "sharpness": np.nan, "phash": 0,
-               "phash_mirror": 0, "sha256": "", "error": ""}
-        try:
-            row["sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-            row["width"], row["height"] = image_size(path, max_pixels)
-            img = load_image(path, max_pixels, target=STATS_SIDE)
-            grey = np.asarray(img.convert("L").resize((STATS_SIDE, STATS_SIDE), Image.Resampling.BILINEAR),
-                              dtype=np.float32)
-            lap = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
-            row.update(brightness=float(grey.mean()), sharpness=float(lap.var() / max(float(grey.var()), 1e-6)),
-                       phash=int(str(imagehash.phash(img)), 16),
-                       phash_mirror=int(str(imagehash.phash(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))), 16))
-        except BadImageError as e:
-            row["error"] = str(e)
-        except OSError as e:  # a file that vanished or cannot be read at all
-            row["error"] = f"cannot read: {e.strerror or e}"
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    for column in ("phash", "phash_mirror"):
-        frame[column] = frame[column].astype(np.uint64)
-    return frame
-
-
-def _popcount(a) -> np.ndarray:
-    """Set bits of each uint64 (numpy >= 2 has `bitwise_count`)."""
-    a = np.asarray(a, dtype=np.uint64)
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(a)
-    return np.unpackbits(a[..., None].view(np.uint8), axis=-1).sum(-1)
-
-
 def _save_npy(path: str, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, array)
-
-
-@dataclass
-class Neighbours:
-    """Within one set of photos: the k nearest photos of each (indices and cosine distances, nearest first) and
-    the nearest photo of another class (-1 and inf when there is none)."""
-
-    knn: np.ndarray
-    knn_dist: np.ndarray
-    other: np.ndarray
-    other_dist: np.ndarray
-
-
-def neighbours(features: np.ndarray, labels: np.ndarray, k: int = OUTLIER_K, block: int = 1024) -> Neighbours:
-    """`Neighbours` from blocks of the distance matrix (memory: block x N, never N x N)."""
-    x = normalize(features)
-    n = len(x)
-    codes = np.unique(np.asarray(labels, dtype=object), return_inverse=True)[1]
-    k = max(0, min(k, n - 1))
-    knn, knn_dist = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
-    other, other_dist = np.full(n, -1), np.full(n, np.inf)
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        d = np.clip(1.0 - x[start:stop] @ x.T, 0.0, 2.0)
-        rows = np.arange(stop - start)
-        d[rows, rows + start] = np.inf
-        if k:
-            part = np.argpartition(d, k - 1, axis=1)[:, :k]
-            order = np.argsort(np.take_along_axis(d, part, 1), axis=1, kind="stable")
-            knn[start:stop] = np.take_along_axis(part, order, 1)
-            knn_dist[start:stop] = np.take_along_axis(d, knn[start:stop], 1)
-        d[codes[start:stop, None] == codes[None, :]] = np.inf
-        nearest = d.argmin(1)
-        other_dist[start:stop] = d[rows, nearest]
-        other[start:stop] = np.where(np.isfinite(other_dist[start:stop]), nearest, -1)
-    return Neighbours(knn, knn_dist, other, other_dist)
-
-
-def phash_pairs(stats: pd.DataFrame, others: pd.DataFrame | None = None, limit: int = PHASH_COPY,
-                block: int = 1024) -> np.ndarray:
-    """(i, j) of every two photos whose pHashes are within `limit` bits, the one or the other mirrored (a
-    left-right flipped copy): i < j within `stats`, or i in `stats` and j in `others` (blocks of the N x M
-    comparison)."""
-    h = stats["phash"].to_numpy(dtype=np.uint64)
-    other = stats if others is None else others
-    o, m = other["phash"].to_numpy(dtype=np.uint64), other["phash_mirror"].to_numpy(dtype=np.uint64)
-    found = [np.zeros((0, 2), np.int64)]
-    for start in range(0, len(h), block):
-        x = h[start:start + block, None]
-        i, j = np.nonzero(np.minimum(_popcount(x ^ o[None, :]), _popcount(x ^ m[None, :])) <= limit)
-        i = i + start
-        if others is None:  # both orders of a pair: keep it once
-            keep = i != j
-            i, j = np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])
-        found.append(np.stack([i, j], 1))
-    pairs = np.concatenate(found)
-    return np.unique(pairs, axis=0) if others is None and len(pairs) else pairs
-
-
-def hash_bits(a: pd.Series, b: pd.Series) -> int:
-    """pHash distance of two photos (rows of `photo_stats`), the one or the other mirrored."""
-    return int(min(_popcount(np.uint64(a["phash"]) ^ np.uint64(b["phash"])),
-                   _popcount(np.uint64(a["phash"]) ^ np.uint64(b["phash_mirror"]))))
-
-
-def _distances(x: np.ndarray, y: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Cosine distance of each (row of unit features x, row of y) pair."""
-    if not len(pairs):
-        return np.zeros(0)
-    return np.clip(1.0 - np.einsum("ij,ij->i", x[pairs[:, 0]], y[pairs[:, 1]]), 0.0, 2.0)
-
-
-def same_picture(pairs: np.ndarray, d: np.ndarray, cut: float) -> np.ndarray:
-    """Which pHash pairs (within PHASH_COPY bits) are one picture: their features are also within
-    SAME_PICTURE_FACTOR times the grouping cut. (A copy shrunk to 40% and re-compressed keeps its pHash while
-    its features move as far as photos of one shelf lie apart; two different photos of a plain background can
-    share a pHash, but their features lie further apart.)"""
-    return d <= SAME_PICTURE_FACTOR * cut
-
-
-# ------------------------------------------------------------------------------------------- findings
-def _row(photo, kind, score, suggestion, *, other="", set_name="data", label="", other_label="", suggested="",
-         confidence=np.nan, detail="") -> dict:
-    return {"photo": photo, "kind": kind, "score": round(float(score), 4), "suggestion": suggestion,
-            "other_photo": other, "set": set_name, "label": label, "other_label": other_label,
-            "suggested_label": suggested, "confidence": confidence, "detail": detail}
-
-
-def _how_alike(same_file: bool, bits: int, distance: float) -> str:
-    if same_file:
-        return "the same file"
-    if bits <= PHASH_COPY:
-        return (f"the same picture, resized, re-compressed or mirrored (pHash {bits} bits apart, cosine distance "
-                f"{distance:.3f})")
-    return f"a near-duplicate: cropped, edited or shot again (cosine distance {distance:.3f})"
-
-
-def duplicate_findings(paths: list[str], labels: np.ndarray, stats: pd.DataFrame, x: np.ndarray,
-                       nb: Neighbours, cut: float, set_name: str) -> list[dict]:
-    """Label conflicts (a photo of another class within the duplicate cut, or the same file) and copies within a
-    class (the same file, or the same pHash and near-duplicate features) of one set; `x` unit features."""
-    close = cut * DUPLICATE_FACTOR
-    sha = stats["sha256"].to_numpy()
-    n = len(paths)
-
-    def bits(i: int, j: int) -> int:
-        return hash_bits(stats.iloc[i], stats.iloc[j])
-
-    found = []
-    conflicts = {}  # near-identical photos under two labels: features within the duplicate cut, or the same picture
-    for i in np.flatnonzero(nb.other_dist <= close):
-        conflicts.setdefault((min(i, int(nb.other[i])), max(i, int(nb.other[i]))), float(nb.other_dist[i]))
-    pairs = phash_pairs(stats)
-    d = _distances(x, x, pairs)
-    across = (labels[pairs[:, 0]] != labels[pairs[:, 1]]) & same_picture(pairs, d, cut)
-    for (i, j), dij in zip(pairs[across], d[across]):
-        conflicts.setdefault((int(i), int(j)), float(dij))
-    for (i, j), dij in sorted(conflicts.items(), key=lambda kv: kv[1]):
-        found.append(_row(paths[i], "label conflict", 1 - dij / cut, f"near-identical photos under two labels, "
-                          f"{labels[i]} and {labels[j]}: if they show the same apple, one label is wrong (keep "
-                          "the right one); if not, the photos do not tell these varieties apart",
-                          other=paths[j], set_name=set_name, label=labels[i], other_label=labels[j],
-                          detail=_how_alike(sha[i] == sha[j], bits(i, j), dij)))
-    # copies within a class: same file, or same pHash with near-duplicate features
-    by_sha = pd.Series(np.arange(n)).groupby(sha).apply(list)
-    same = np.asarray([(g[0], g[k]) for g in by_sha for k in range(1, len(g))], np.int64).reshape(-1, 2)
-    pairs = np.concatenate([pairs, same])
-    d = np.concatenate([d, _distances(x, x, same)])
-    same_class = (labels[pairs[:, 0]] == labels[pairs[:, 1]]) & ((sha[pairs[:, 0]] == sha[pairs[:, 1]]) | (d <= close))
-    copies = pd.DataFrame({"i": pairs[same_class, 0], "j": pairs[same_class, 1], "d": d[same_class]})
-    # each photo that copies an earlier one (in table order) names the nearest of those: n - 1 rows for n copies
-    for r in copies.sort_values("d", kind="stable").drop_duplicates("j").sort_values("j").itertuples():
-        i, j = int(r.i), int(r.j)
-        found.append(_row(paths[j], "duplicate", 1 - r.d / cut, f"a copy of {paths[i]} in its class: keep one of "
-                          "the two (a copy weighs one picture twice)", other=paths[i], set_name=set_name,
-                          label=labels[j], other_label=labels[i], detail=_how_alike(sha[i] == sha[j], bits(i, j),
-                                                                                    float(r.d))))
-    return found
-
-
-def copy_warnings(issues: list[dict], labels: np.ndarray) -> list[str]:
-    """Classes most of whose photos are copies of one another (video or turntable frames)."""
-    frame = pd.DataFrame([r for r in issues if r["kind"] == "duplicate" and r["set"] == "data"],
-                         columns=["photo", "other_photo", "label"])
-    involved = pd.concat([frame[["photo", "label"]], frame[["other_photo", "label"]].set_axis(
-        ["photo", "label"], axis=1)]).drop_duplicates().groupby("label").size()
-    counts = pd.Series(labels).value_counts()
-    return [f"{label}: {k} of its {counts[label]} photos are near-identical copies of another of its photos (the "
-            "frames of a video or of a turntable pass?): the near-duplicate groups keep them on one side of a "
-            "split, and `pomona train --train-every-nth N` trains on every Nth of them at little cost"
-            for label, k in involved.items() if k > COPY_SHARE * counts[label]]
-
-
-def _median(values: pd.Series) -> float:
-    v = values.dropna()
-    return float(v.median()) if len(v) else float("nan")
-
-
-def quality_findings(paths: list[str], labels: np.ndarray, stats: pd.DataFrame, set_name: str) -> list[dict]:
-    """Unreadable, tiny, extreme aspect ratio, blurred, too dark, too bright: each relative to the set."""
-    found = []
-    ok = stats["error"] == ""
-    short = np.minimum(stats["width"], stats["height"])
-    long = np.maximum(stats["width"], stats["height"])
-    med_short, med_sharp = _median(short[ok]), _median(stats.loc[ok, "sharpness"])
-    med_bright = _median(stats.loc[ok, "brightness"])
-    for i, r in stats.iterrows():
-        row = dict(set_name=set_name, label=labels[i])
-        if r["error"]:
-            found.append(_row(paths[i], "unreadable", 1.0, "training skips it: replace the file or remove it",
-                              detail=r["error"], **row))
-            continue
-        side, ratio = short[i], long[i] / max(short[i], 1)
-        tiny = min(TINY_SIDE, med_short / 4)
-        if side < tiny:
-            found.append(_row(paths[i], "tiny", 1 - side / tiny, "the model sees it blown up: use a larger photo, "
-                              "or drop it", detail=f"{int(r['width'])}x{int(r['height'])} pixels (the collection's "
-                              f"median shorter side: {med_short:.0f})", **row))
-        if ratio > MAX_RATIO:
-            found.append(_row(paths[i], "extreme aspect ratio", 1 - MAX_RATIO / ratio, "the centre crop keeps a "
-                              "small part of it: crop it around the apple", detail=f"{int(r['width'])}x"
-                              f"{int(r['height'])} pixels ({ratio:.1f}:1)", **row))
-        if med_sharp > 0 and r["sharpness"] < med_sharp / BLUR_FACTOR:
-            found.append(_row(paths[i], "blurred", 1 - r["sharpness"] / med_sharp, "out of focus or shaken: "
-                              "retake it, or drop it", detail=f"sharpness {r['sharpness']:.4f}, "
-                              f"{med_sharp / max(r['sharpness'], 1e-9):.0f}x below the collection's median "
-                              f"({med_sharp:.4f})", **row))
-        b = r["brightness"]
-        if b < DARKEST or b < EXPOSURE_FACTOR * med_bright:
-            found.append(_row(paths[i], "too dark", 1 - b / max(med_bright, 1e-9), "under-exposed: retake it "
-                              "in better light, or drop it", detail=f"mean brightness {b:.0f}/255 (the "
-                              f"collection's median: {med_bright:.0f})", **row))
-        elif b > BRIGHTEST or 255 - b < EXPOSURE_FACTOR * (255 - med_bright):
-            found.append(_row(paths[i], "too bright", 1 - (255 - b) / max(255 - med_bright, 1e-9), "over-exposed: "
-                              "retake it, or drop it", detail=f"mean brightness {b:.0f}/255 (the collection's "
-                              f"median: {med_bright:.0f})", **row))
-    return found
-
-
-def outlier_findings(paths: list[str], labels: np.ndarray, nb: Neighbours, set_name: str) -> list[dict]:
-    """Photos far from every other photo of their set (see OUTLIER_Z)."""
-    if len(paths) < OUTLIER_MIN_PHOTOS or not nb.knn_dist.size:
-        return []
-    score = np.log(np.maximum(nb.knn_dist.mean(1), 1e-9))
-    med = np.median(score)
-    mad = 1.4826 * np.median(np.abs(score - med))
-    if mad <= 0:
-        return []
-    z = (score - med) / mad
-    return [_row(paths[i], "outlier", 1 - math.exp(med - score[i]), "not like the other photos: check that it is "
-                 "an apple photo of this collection (and of its label)", set_name=set_name, label=labels[i],
-                 other=paths[int(nb.knn[i, 0])], other_label=labels[int(nb.knn[i, 0])],
-                 detail=f"mean distance to its {nb.knn.shape[1]} nearest photos {math.exp(score[i]):.3f}, the "
-                 f"collection's median {math.exp(med):.3f} (robust z {z[i]:.1f}); nearest photo: other_photo")
-            for i in np.flatnonzero(z > OUTLIER_Z)]
 
 
 # ------------------------------------------------------------------------------------------- groups
@@ -464,34 +173,6 @@ def balance_summary(labels: np.ndarray, groups: np.ndarray) -> dict:
                     "(1 - --val-fraction) of these numbers, or (K-1)/K of them per fold with --folds K"}
 
 
-def leak_findings(test: dict, data: dict, cut: float) -> list[dict]:
-    """Test photos that copy a --data photo: the same file, the same picture (`same_picture`), or features within
-    the duplicate cut (`groups.cross_set_duplicates`); the nearest such photo of --data for each."""
-    tok, dok = test["ok"], data["ok"]
-    found = {}
-    for i, j, d in cross_set_duplicates(test["features"][tok], data["features"][dok], cut):
-        found[int(tok[i])] = (int(dok[j]), d)
-    pairs = phash_pairs(test["stats"].iloc[tok], data["stats"].iloc[dok])
-    d = _distances(normalize(test["features"][tok]), normalize(data["features"][dok]), pairs)
-    keep = same_picture(pairs, d, cut)
-    for (i, j), dij in zip(pairs[keep], d[keep]):
-        if int(tok[i]) not in found or dij < found[int(tok[i])][1]:
-            found[int(tok[i])] = (int(dok[j]), float(dij))
-    by_sha = {s: i for i, s in reversed(list(enumerate(data["stats"]["sha256"]))) if s}
-    for i, s in enumerate(test["stats"]["sha256"]):
-        if s in by_sha and i not in found:
-            found[i] = (by_sha[s], 0.0)
-    rows = []
-    for i, (j, d) in sorted(found.items(), key=lambda kv: kv[1][1]):
-        same = test["stats"]["sha256"][i] == data["stats"]["sha256"][j]
-        rows.append(_row(test["paths"][i], "test leak", 1 - d / cut, f"a copy of the training photo "
-                         f"{data['paths'][j]}: remove it from the test set (or that photo from --data); a test photo "
-                         "the model trained on flatters the score", other=data["paths"][j], set_name="test",
-                         label=test["labels"][i], other_label=data["labels"][j],
-                         detail=_how_alike(same, hash_bits(test["stats"].iloc[i], data["stats"].iloc[j]), d)))
-    return rows
-
-
 # ------------------------------------------------------------------------------------------- the whole check
 def doctor(table: pd.DataFrame, out: str | Path, test: pd.DataFrame | None = None, run: str | Path | None = None,
            device: str = "auto", max_pixels: int = 64_000_000, folds: int = 5, seed: int = 0, show: int = 40,
@@ -577,10 +258,10 @@ def doctor(table: pd.DataFrame, out: str | Path, test: pd.DataFrame | None = Non
                              "suggested": [classes[k] for k in probs[ranked].argmax(1)],
                              "confidence": probs[ranked].max(1), "p_label": probs[ranked, y[ranked]]})
     for r in suspects.itertuples():
-        issues.append(_row(r.path, "suspect label", 1 - r.p_label, f"check the label: the out-of-fold model says "
-                           f"{r.suggested} ({r.confidence:.0%}), {r.label} only {r.p_label:.0%}",
-                           label=r.label, suggested=r.suggested, confidence=round(float(r.confidence), 4),
-                           detail=source))
+        issues.append(issue_row(r.path, "suspect label", 1 - r.p_label, f"check the label: the out-of-fold model says "
+                                f"{r.suggested} ({r.confidence:.0%}), {r.label} only {r.p_label:.0%}",
+                                label=r.label, suggested=r.suggested, confidence=round(float(r.confidence), 4),
+                                detail=source))
 
     frame = pd.DataFrame(issues, columns=ISSUE_COLUMNS)
     frame["order"] = frame["kind"].map({k: i for i, k in enumerate(KINDS)})
@@ -611,119 +292,3 @@ def doctor(table: pd.DataFrame, out: str | Path, test: pd.DataFrame | None = Non
         atomic_write(out / "features.npy", lambda tmp: _save_npy(tmp, features))
     write_text(out / "report.html", doctor_page(frame, summary, suspects, show))
     return DoctorResult(out, frame, summary, group_table, suspects)
-
-
-# ------------------------------------------------------------------------------------------- the page
-_PAGE_CSS = """
-.pairs{display:flex;flex-wrap:wrap;gap:14px}.pair{display:flex;gap:6px;background:#fafbf8;border:1px solid #e3e6e0;
-border-radius:8px;padding:6px;font-size:.78em;max-width:420px}.pair figure{margin:0;width:200px}
-.pair img,.photo img{width:200px;height:200px;object-fit:contain;background:#eee;border-radius:6px}
-.photo{width:200px;font-size:.78em}.photo figure{margin:0}.pair figcaption,.photo figcaption{overflow-wrap:anywhere}
-.note{color:#555;font-size:.85em}.warn{color:#a33}.kind{font-weight:600}
-"""
-
-
-class Thumbnails:
-    """Small JPEG data URIs of photos, each made once per page."""
-
-    def __init__(self, side: int = 100):
-        self.side, self.cache = side, {}
-
-    def __call__(self, path: str) -> str:
-        from .report import _thumbnail
-
-        if path not in self.cache:
-            self.cache[path] = _thumbnail(path, self.side) or ""
-        return self.cache[path]
-
-
-def figure(thumbs: Thumbnails, path: str, caption: str) -> str:
-    src = thumbs(path)
-    img = f'<img alt="{html.escape(Path(path).name)}" src="{src}">' if src else '<div class="warn">unreadable</div>'
-    return f"<figure>{img}<figcaption>{caption}</figcaption></figure>"
-
-
-def page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> str:
-    """A self-contained page: (id, heading, body HTML) sections."""
-    from .report import _CSS
-
-    body = "".join(f'<section id="{key}"><h2>{html.escape(heading)}</h2>{content}</section>'
-                   for key, heading, content in sections)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}{_PAGE_CSS}</style></head><body><header><h1>{html.escape(title)}</h1>"
-            f"<p>{html.escape(subtitle)}</p></header><main>{body}</main></body></html>")
-
-
-def _name(path: str) -> str:
-    p = Path(path)
-    return html.escape(f"{p.parent.name}/{p.name}")
-
-
-def _pairs(rows: pd.DataFrame, thumbs: Thumbnails, show: int, first: str, second: str) -> str:
-    cards = []
-    for r in rows.head(show).itertuples():
-        cards.append('<div class="pair">' + figure(thumbs, r.photo, f"<b>{first}</b> {_name(r.photo)}<br>label "
-                                                   f"{html.escape(str(r.label))}")
-                     + figure(thumbs, r.other_photo, f"<b>{second}</b> {_name(r.other_photo)}<br>label "
-                              f"{html.escape(str(r.other_label))}<br>{html.escape(r.detail)}") + "</div>")
-    more = f'<p class="note">... and {len(rows) - show} more in issues.csv</p>' if len(rows) > show else ""
-    return f'<div class="pairs">{"".join(cards)}</div>{more}'
-
-
-def doctor_page(issues: pd.DataFrame, summary: dict, suspects: pd.DataFrame, show: int) -> str:
-    from .report import _table
-
-    thumbs = Thumbnails()
-    counts = summary["findings"]
-    n = summary["photos"]
-    kpis = "".join(f'<div class="kpi"><b>{counts[k]}</b>{html.escape(k)}</div>' for k in KINDS
-                   if counts[k] or k in ("test leak", "label conflict", "suspect label", "duplicate"))
-    warn = "".join(f'<p class="warn">Warning: {html.escape(w)}</p>' for w in summary["warnings"])
-    sections = [("summary", "Summary", kpis + warn + f'<p class="note">{n["data"]} photos'
-                 + (f", {n['test']} test photos" if "test" in n else "") + f"; {summary['seconds']:.0f} s. Every "
-                 "finding is a row of issues.csv, worst kinds first.</p>")]
-
-    def of(kind: str) -> pd.DataFrame:
-        return issues[issues["kind"] == kind]
-
-    if "test" in n:
-        leaks = of("test leak")
-        sections.append(("leaks", f"Test photos that copy training photos ({len(leaks)})",
-                         _pairs(leaks, thumbs, show, "test", "training") if len(leaks) else
-                         "<p>None: no test photo is a copy or near-duplicate of a training photo.</p>"))
-    conflicts = of("label conflict")
-    sections.append(("conflicts", f"Near-identical photos under two labels ({len(conflicts)})",
-                     _pairs(conflicts, thumbs, show, "", "") if len(conflicts) else "<p>None.</p>"))
-    cards = []
-    for r in suspects.head(show).itertuples():
-        cards.append('<div class="photo">' + figure(
-            thumbs, r.path, f"{_name(r.path)}<br>label <b>{html.escape(r.label)}</b> ({r.p_label:.0%})<br>suggested "
-            f"<b>{html.escape(r.suggested)}</b> ({r.confidence:.0%})") + "</div>")
-    more = f'<p class="note">... and {len(suspects) - show} more in issues.csv</p>' if len(suspects) > show else ""
-    sections.append(("suspects", f"Suspect labels ({len(suspects)})", f'<p class="note">Confident learning on '
-                     f'{html.escape(summary["suspects"]["probabilities"])}; most suspect first.</p>'
-                     + (f'<div class="gallery">{"".join(cards)}</div>{more}' if cards else "<p>None.</p>")))
-    dups = of("duplicate")
-    sections.append(("duplicates", f"Copies within a class ({len(dups)})",
-                     _pairs(dups, thumbs, show, "copy", "of") if len(dups) else "<p>None.</p>"))
-    quality = issues[issues["kind"].isin(KINDS[4:10])]
-    cards = ['<div class="photo">' + figure(thumbs, r.photo, f'<span class="kind">{html.escape(r.kind)}</span> '
-                                            f"{_name(r.photo)}<br>{html.escape(r.detail)}") + "</div>"
-             for r in quality.head(show).itertuples()]
-    sections.append(("quality", f"Image quality ({len(quality)})",
-                     f'<div class="gallery">{"".join(cards)}</div>' if cards else "<p>Nothing flagged.</p>"))
-    outliers = of("outlier")
-    sections.append(("outliers", f"Not like the others ({len(outliers)})",
-                     _pairs(outliers, thumbs, show, "outlier", "its nearest photo") if len(outliers) else
-                     "<p>None.</p>"))
-    g = summary["groups"]
-    sections.append(("groups", f"Near-duplicate groups ({g['n_groups']})", f"<p>{html.escape(g['method'])}: "
-                     f"{g['n_groups']} groups, the largest of {g['largest']} photos, {g['singletons']} single "
-                     "photos. Splits and folds keep each group on one side.</p>" + warn))
-    b = summary["balance"]
-    rows = [[c, v["photos"], v["groups"], v["largest_group"], v["balance_max_adds"]] for c, v in b["per_class"].items()]
-    sections.append(("balance", "Balance", _table(rows, ["class", "photos", "groups", "largest group",
-                                                         "--balance max adds"])
-                     + f'<p class="note">Largest class / smallest: {b["imbalance"]:.1f}. '
-                       f'{html.escape(b["note"])}.</p>'))
-    return page("pomona doctor", "what to fix before training", sections)

@@ -24,6 +24,10 @@ class PomonaError(Exception):
     """A problem with the user's data, settings or set-up; the message says what and how to fix it."""
 
 
+class UsageError(PomonaError):
+    """A command line, or settings, that cannot run as given (exit code 2, like argparse's own usage errors)."""
+
+
 class MissingExtra(PomonaError, ImportError):
     """An optional package a command needs is not installed; the message names the pip command that installs it."""
 

@@ -22,7 +22,7 @@ import pandas as pd
 from .atomic import write_text
 from .metrics import fmt_score, missing_classes
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f4;color:#1d2a1d}
 header{background:#2f5d34;color:#fff;padding:18px 28px}header h1{margin:0;font-size:1.5em}
 header p{margin:4px 0 0;opacity:.85}main{padding:12px 28px 40px;max-width:1200px}
@@ -35,6 +35,7 @@ td,th{padding:3px 10px;border-bottom:1px solid #e3e6e0;text-align:left}th{backgr
 details pre{background:#f3f3f3;padding:8px;border-radius:6px;overflow:auto;max-height:400px}
 img.plot{max-width:100%}
 """
+"""The style of report.html; the pages of `pomona doctor` and `pomona suggest` (`doctor_page`) add to it."""
 
 
 def _png(fig) -> str:
@@ -51,7 +52,8 @@ def _file_uri(path: Path) -> str:
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def _thumbnail(path: str, size: int = 190) -> str | None:
+def thumbnail(path: str, size: int = 190) -> str | None:
+    """A JPEG data URI of the photo, shrunk to fit 2 x `size` pixels; None when it cannot be read."""
     from PIL import Image
 
     from .images import BadImageError, load_image
@@ -147,7 +149,8 @@ def plot_class_counts(split: pd.DataFrame) -> str:
     return _png(fig)
 
 
-def _table(rows: list[list], header: list[str]) -> str:
+def html_table(rows: list[list], header: list[str]) -> str:
+    """An HTML table of `rows` under `header`, every cell escaped."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -186,15 +189,15 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
                    "and F1 are not defined (n/a), not zero.</p>" if missing else "")
         section("per-class", "Per-class F1", warning
                 + f'<img class="plot" alt="per-class F1" src="{plot_per_class_f1(pc)}">'
-                + _table([[c, f"{m['precision']:.3f}", fmt_score(m["recall"]), fmt_score(m["f1"]), m["support"]]
-                          for c, m in pc.items()], ["class", "precision", "recall", "F1", "n"]))
+                + html_table([[c, f"{m['precision']:.3f}", fmt_score(m["recall"]), fmt_score(m["f1"]), m["support"]]
+                              for c, m in pc.items()], ["class", "precision", "recall", "F1", "n"]))
 
     if (eval_dir / "predictions.csv").is_file():
         preds = pd.read_csv(eval_dir / "predictions.csv", keep_default_na=False)
         cards = []
         if "true_label" in preds:
             for r in worst_misclassified(preds).itertuples():
-                uri = _thumbnail(r.path)
+                uri = thumbnail(r.path)
                 top = [(r.label, r.probability)] + [(getattr(r, f"label_{i}"), getattr(r, f"probability_{i}"))
                                                    for i in (2, 3) if hasattr(r, f"label_{i}")]
                 tops = "<br>".join(f"{html.escape(str(c))} {float(p):.0%}" for c, p in top if c != "")
@@ -212,7 +215,7 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
                 f"train {int((split['subset'] == 'train').sum())}, validation "
                 f"{int((split['subset'] == 'val').sum())}.</p>"
                 f'<img class="plot" alt="class counts" src="{plot_class_counts(split)}">'
-                + _table([[c, *[int(v) for v in r]] for c, r in counts.iterrows()], ["class", *counts.columns]))
+                + html_table([[c, *[int(v) for v in r]] for c, r in counts.iterrows()], ["class", *counts.columns]))
         section("data", "Data", body)
 
     if (run_dir / "groups.json").is_file():
@@ -239,13 +242,13 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
     changed, total = config_changes(config)
     section("config", "Configuration",
             f"<details><summary>{len(changed)} of {total} settings differ from the defaults (all of them: "
-            "config.json)</summary>" + (_table(changed, ["setting", "value", "default"]) if changed else
+            "config.json)</summary>" + (html_table(changed, ["setting", "value", "default"]) if changed else
                                          "<p>Every setting is at its default.</p>") + "</details>")
 
     bad = _read_json(run_dir / "bad_images.json") or {}
     if bad or (run_dir / "bad_images.json").is_file():
         section("bad-images", "Skipped unreadable images",
-                _table([[p, why] for p, why in bad.items()], ["file", "reason"]) if bad else "<p>None.</p>")
+                html_table([[p, why] for p, why in bad.items()], ["file", "reason"]) if bad else "<p>None.</p>")
 
     tuning_plots = sorted((run_dir / "plots").glob("*.png"))
     best = _read_json(run_dir / "best.json")
@@ -253,14 +256,14 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
         head = (f"<p>Best trial {best['best_trial']}: validation macro-F1 {best['best_val_macro_f1']:.3f} (the "
                 f"maximum over trials and epochs on the validation photos: selected on them, optimistic); trials "
                 + ", ".join(f"{n} {state}" for state, n in best["trials"].items() if n) + "</p>"
-                + _table([[k, v] for k, v in best["params"].items()], ["setting", "value"]) if best else "")
+                + html_table([[k, v] for k, v in best["params"].items()], ["setting", "value"]) if best else "")
         section("tuning", "Hyperparameter search", head + "".join(
             f'<h3>{html.escape(p.stem.replace("_", " "))}</h3>'
             f'<img class="plot" alt="{html.escape(p.stem)}" src="{_file_uri(p)}">' for p in tuning_plots))
 
     name = title or f"pomona run {run_dir.name}"
     page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(name)}</title>"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{_CSS}</style></head>"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{CSS}</style></head>"
             f"<body><header><h1>{html.escape(name)}</h1><p>{html.escape(str(run_dir))}</p></header>"
             f"<main>{''.join(parts)}</main></body></html>")
     return write_text(Path(out) if out else run_dir / "report.html", page)
@@ -298,14 +301,14 @@ def _groups_section(run_dir: Path, examples: int = 3, per_group: int = 6) -> str
     sizes = table.groupby("group").size()
     per_class = table.groupby("label").agg(photos=("path", "size"), groups=("group", "nunique"))
     largest = table.groupby("label")["group"].agg(lambda g: int(g.value_counts().max()))
-    body += _table([[c, int(r.photos), int(r.groups), int(largest[c])] for c, r in per_class.iterrows()],
-                   ["class", "photos", "groups", "largest group"])
+    body += html_table([[c, int(r.photos), int(r.groups), int(largest[c])] for c, r in per_class.iterrows()],
+                       ["class", "photos", "groups", "largest group"])
     body += (f"<p>Group sizes: {int((sizes == 1).sum())} single photos, {int(((sizes > 1) & (sizes <= 5)).sum())} "
              f"of 2-5, {int((sizes > 5).sum())} of more than 5 (largest {int(sizes.max())}).</p>")
     for group in sizes[sizes > 1].sort_values(ascending=False).index[:examples]:
         paths = table.loc[table["group"] == group, "path"].head(per_group)
         thumbs = "".join(f'<img alt="{html.escape(Path(p).name)}" src="{uri}">' for p in paths
-                         if (uri := _thumbnail(p, 120)))
+                         if (uri := thumbnail(p, 120)))
         body += (f"<h3>{html.escape(group)} ({int(sizes[group])} photos)</h3>"
                  f'<div class="gallery">{thumbs}</div>')
     return body

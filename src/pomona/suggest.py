@@ -153,7 +153,7 @@ def _run_cut(run_dir: str | Path) -> float | None:
 
 
 def suggest_page(chosen: pd.DataFrame, by: str, pool: int, run_dir: str | Path) -> str:
-    from .doctor import Thumbnails, figure, page
+    from .doctor_page import Thumbnails, figure, page
 
     thumbs = Thumbnails()
     cards = ['<div class="photo">' + figure(thumbs, r.path, f"#{r.rank} {html.escape(Path(r.path).name)}<br>"
