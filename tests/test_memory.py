@@ -1,0 +1,60 @@
+"""Memory (issue 21, point 2; measured by benchmarks/memory.py): the malloc settings the re-exec puts in force
+(pomona.runtime), and training in slices of a batch (train.backward_in_slices), which gives the whole batch's
+loss and gradients while holding one slice's activations."""
+
+import pytest
+import torch
+from torch import nn
+
+from pomona import runtime
+from pomona.config import TrainConfig
+from pomona.train import backward_in_slices, micro_batch_size
+
+
+def reexec_environments(monkeypatch, environ: dict) -> list[dict]:
+    """The environments `reexec_with_malloc_tuning(environ)` would re-execute with (os.execve recorded)."""
+    calls = []
+    monkeypatch.setattr(runtime.os, "execve", lambda path, argv, env: calls.append(env))
+    runtime.reexec_with_malloc_tuning(environ)
+    return calls
+
+
+def test_the_reexec_sets_the_chosen_malloc_settings(monkeypatch):
+    (env,) = reexec_environments(monkeypatch, {"PATH": "/usr/bin"})
+    assert env["GLIBC_TUNABLES"] == CHOSEN
+    assert env["PATH"] == "/usr/bin" and "LD_PRELOAD" not in env
+
+
+def test_the_users_own_setting_or_no_reexec_runs_as_it_is(monkeypatch):
+    assert reexec_environments(monkeypatch, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1"}) == []
+    assert reexec_environments(monkeypatch, {"POMONA_NO_REEXEC": "1"}) == []
+
+
+def tiny_net() -> nn.Module:
+    # batch norm in eval mode, as --freeze-bn fine-tunes: each image's output does not depend on the others
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3)).eval()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_slices_give_the_whole_batchs_loss_and_gradients(weighted):
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]) if weighted else None, label_smoothing=0.1)
+    x, y = torch.randn(11, 3, 8, 8), torch.tensor([0, 1, 2, 2, 1, 0, 0, 2, 1, 1, 0])
+    results = []
+    for size in (0, 4, 1):  # whole batch; 4 + 4 + 3; one image at a time
+        model = tiny_net()
+        loss = backward_in_slices(model, loss_fn, x, y, size)
+        results.append((loss, [p.grad for p in model.parameters()]))
+    (whole, whole_grads), *sliced = results
+    assert torch.allclose(whole, loss_fn(tiny_net()(x), y))
+    for loss, grads in sliced:
+        assert torch.allclose(loss, whole, atol=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, whole_grads))
+
+
+def test_micro_batch_default_is_eight_on_the_cpu_and_whole_batches_on_a_gpu():
+    assert micro_batch_size(TrainConfig(), torch.device("cpu")) == 8
+    assert micro_batch_size(TrainConfig(), torch.device("cuda")) == 0
+    assert micro_batch_size(TrainConfig(micro_batch=0), torch.device("cpu")) == 0
+    assert micro_batch_size(TrainConfig(micro_batch=16), torch.device("cuda")) == 16
