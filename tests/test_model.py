@@ -65,3 +65,20 @@ def test_weights_from_file_round_trip(tmp_path):
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
     model = create_model("test_efficientnet", 3, weights=str(tmp_path / "w.safetensors"))
     assert torch.equal(model.backbone.conv_stem.weight, source.conv_stem.weight)
+
+
+def test_offline_a_model_without_packaged_weights_fails_at_once_with_the_fix(monkeypatch, tmp_path):
+    import time
+
+    import pomona.model as model
+    from pomona.cli import run
+
+    monkeypatch.setattr(model, "hub_reachable", lambda timeout=3.0: False)
+    start = time.perf_counter()
+    with pytest.raises(model.WeightsError, match="--weights FILE"):
+        model.create_backbone("efficientnet_b0", "auto")
+    assert time.perf_counter() - start < 5
+    grocery = GROCERY
+    code = run(["train", "--data", str(grocery / "train"), "--model", "efficientnet_b0", "--out", str(tmp_path / "r")])
+    assert code == 2 and not (tmp_path / "r").exists()
+    model.create_backbone("tf_efficientnet_lite0", "auto")  # packaged weights need no hub

@@ -156,6 +156,31 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
         raise WeightsError(f"weights in {path} do not fit the model: {str(e)[:500]}") from e
 
 
+HUB_ADDRESS = ("huggingface.co", 443)
+"""Where timm fetches pretrained weights from."""
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers at all (a few seconds at most), so that an offline machine fails at once
+    instead of waiting for the hub client's retries."""
+    import socket
+
+    try:
+        socket.create_connection(HUB_ADDRESS, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_weights(name: str, weights: str = "auto") -> None:
+    """Raise WeightsError at once when `name` needs the hub's weights (no packaged ones, `weights` auto or hub)
+    and the hub cannot be reached, naming the ways out."""
+    if (weights == "hub" or (weights == "auto" and name not in PACKAGED_WEIGHTS)) and not hub_reachable():
+        raise WeightsError(f"{name} has no packaged weights and the model hub ({HUB_ADDRESS[0]}) cannot be reached: "
+                           f"use --model {' or '.join(sorted(PACKAGED_WEIGHTS))} (offline weights), give "
+                           "--weights FILE (.safetensors/.pth), or connect to the internet")
+
+
 def create_backbone(name: str, weights: str = "auto", num_classes: int = 0, **kwargs) -> nn.Module:
     """A timm model with pretrained weights from `weights` (see the module docstring).
 
@@ -163,6 +188,7 @@ def create_backbone(name: str, weights: str = "auto", num_classes: int = 0, **kw
     """
     import timm
 
+    check_weights(name, weights)
     if weights == "auto":
         weights = "package" if name in PACKAGED_WEIGHTS else "hub"
     if weights == "hub":

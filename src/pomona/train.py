@@ -51,7 +51,7 @@ from .distributed import SINGLE, DistContext
 from .groups import prepare_run_data, write_groups
 from .errors import PomonaError
 from .metrics import accuracy, macro_f1
-from .model import AppleNet, create_model, resolve_device
+from .model import AppleNet, check_weights, create_model, resolve_device
 from .plan import EtaAfterFirstBatches, describe_plan
 from .preprocessing import Preprocessing, create_eval_transform, create_train_transform, resolve_preprocessing
 from .progress import Progress, write
@@ -596,6 +596,7 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
     if use_device_augment(cfg, device):  # what the device path cannot do is refused before any work
         check_device_support(augment_spec(cfg.train), cfg.train.device_augment)
     seed_everything(cfg.seed)
+    check_weights(cfg.model.name, cfg.model.weights)  # offline, a model without packaged weights fails at once
     state = None
     if resume:
         state = load_resumable_state(run_dir)
