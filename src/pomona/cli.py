@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 
 from . import __version__, cliargs
-from .cliargs import Command, Invocation, Parser, check_number_flags, execute, format_config, parse_line
+from .cliargs import Command, Invocation, Parser, check_number_flags, format_config, parse_line
 from .config import (AblateCommand, BalanceCommand, Config, DoctorCommand, EvaluateCommand, ExplainCommand,
                      ExportCommand, FetchCommand, InputConfig, PredictCommand, PreviewCommand, ReportCommand,
                      ServeCommand, SuggestCommand, TrainCommand, TuneCommand, merge)
-from .errors import UsageError, require
+from .errors import UsageError, explain_error, require
 
 
 # ---------------------------------------------------------------------------------------------- subcommands
@@ -354,6 +354,22 @@ def parse(argv: list[str] | None = None) -> Invocation:
     """Parse a command line into the settings of its subcommand (`cliargs.parse`); help, --version and usage errors
     exit here."""
     return cliargs.parse(build_parser(), COMMANDS, argv)
+
+
+def execute(invocation: Invocation) -> int:
+    """Run a parsed command. An error is one line on stderr (its traceback only with --debug): exit code 2 for the
+    user's data, settings and set-up (PomonaError, usage, missing files or optional packages), 1 for the rest."""
+    if invocation.print_config:
+        print(format_config(invocation.settings, invocation.print_config))
+        return 0
+    try:
+        return invocation.command.function(invocation.settings)
+    except Exception as e:
+        if invocation.debug:
+            raise
+        message, code = explain_error(e)
+        print(f"pomona {invocation.name}: error: {message}", file=sys.stderr)
+        return code
 
 
 def run(argv: list[str] | None = None) -> int:

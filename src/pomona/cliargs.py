@@ -395,20 +395,3 @@ def format_config(settings: Any, fmt: str = "yaml") -> str:
     import yaml
 
     return yaml.safe_dump(data, sort_keys=False).rstrip()
-
-
-
-def execute(invocation: Invocation) -> int:
-    """Run a parsed command. An error is one line on stderr (its traceback only with --debug): exit code 2 for the
-    user's data, settings and set-up (PomonaError, usage, missing files or optional packages), 1 for the rest."""
-    if invocation.print_config:
-        print(format_config(invocation.settings, invocation.print_config))
-        return 0
-    try:
-        return invocation.command.function(invocation.settings)
-    except Exception as e:
-        if invocation.debug:
-            raise
-        message, code = explain_error(e)
-        print(f"pomona {invocation.name}: error: {message}", file=sys.stderr)
-        return code
