@@ -304,3 +304,18 @@ def test_commands_without_brief_help_list_everything(capsys):
     _help("augment-preview", "--help")
     out = capsys.readouterr().out
     assert "--hflip" in out and "--rotate" in out and "--help-all" not in out
+
+
+def test_size_presets_set_the_model_and_refuse_a_conflicting_choice(tmp_path, capsys):
+    from pomona.cli import run
+    from pomona.config import MODEL_PRESETS, Config, apply_size
+    from pomona.errors import UsageError
+
+    for size, (name, img) in MODEL_PRESETS.items():
+        cfg = apply_size(Config(), size)
+        assert (cfg.model.name, cfg.model.img_size) == (name, img)
+    with pytest.raises(UsageError, match="--size l"):
+        apply_size(Config(model=dataclasses.replace(Config().model, img_size=300)), "l")
+    assert run(["train", "--data", str(tmp_path), "--size", "l", "--model", "tf_efficientnet_lite1",
+                "--out", str(tmp_path / "r")]) == 2
+    assert "--size l" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -23,7 +23,7 @@ from . import __version__, cliargs
 from .cliargs import Command, Invocation, Parser, check_number_flags, format_config, parse_line
 from .config import (AblateCommand, BalanceCommand, Config, DoctorCommand, EvaluateCommand, ExplainCommand,
                      ExportCommand, FetchCommand, InputConfig, PredictCommand, PreviewCommand, ReportCommand,
-                     ServeCommand, SuggestCommand, TrainCommand, TuneCommand, merge)
+                     ServeCommand, SuggestCommand, TrainCommand, TuneCommand, apply_size, merge)
 from .errors import UsageError, explain_error, require
 
 
@@ -31,6 +31,10 @@ from .errors import UsageError, explain_error, require
 def train(s: TrainCommand) -> int:
     from .workflows import train_run
 
+    if s.size:
+        if s.resume:
+            raise UsageError("--resume continues a run with its own model; drop --size")
+        s.config = apply_size(s.config, s.size)
     if s.resume:
         run_dir = Path(s.resume)
         if s.out and Path(s.out).resolve() != run_dir.resolve():
