@@ -12,13 +12,13 @@ fi
 RUN=${RUN:-runs/grocery}
 
 # The validation photos are drawn from train/ as whole near-duplicate groups (--group-by auto: photos of one
-# shelf session stay on one side), so the validation score, with its CI over groups, estimates photos of sessions
-# the model never saw. val/ holds photos of shelves train/ does not show at all: they are the test set, scored once
-# at the end. The run keeps its last epoch, so nothing is selected on either. --overwrite: a rerun replaces it.
-pomona train --data "$DATA/train" --test-data "$DATA/val" --out "$RUN" --overwrite "$@"
+# shelf session stay on one side), so the one table train prints, with its CI over groups, estimates photos of
+# sessions the model never saw. The run keeps its last epoch, so nothing is selected on them. --overwrite: a rerun
+# replaces its own run.
+pomona train --data "$DATA/train" --out "$RUN" --overwrite "$@"
 
-# The same photos through `pomona predict`, as you would predict your own: a CSV (with the "not sure" verdict)
-# and each photo with its answer drawn on it.
+# val/ holds 22 photos of shelves train/ does not show at all: predicted as you would predict your own photos.
+# A CSV (with the "not sure" verdict) and each photo with its answer drawn on it.
 pomona predict "$RUN" --data "$DATA/val" --out "$RUN/predictions.csv" --save-dir "$RUN/predicted"
 
 python - "$RUN/predictions.csv" <<'EOF'

@@ -170,7 +170,8 @@ def format_metrics(metrics: dict) -> str:
         lines.append(f"{c[:24]:24s} {m['precision']:9.3f} {fmt_score(m['recall'], 7)} {fmt_score(m['f1'], 6)} "
                      f"{m['support']:5d}")
     lo, hi = metrics["macro_f1_ci95"]
-    lines.append(f"macro-F1 {metrics['macro_f1']:.3f} (95% CI {lo:.3f}-{hi:.3f})  accuracy "
+    over = f", over {metrics['ci_over']}" if metrics.get("ci_over") else ""
+    lines.append(f"macro-F1 {metrics['macro_f1']:.3f} (95% CI {lo:.3f}-{hi:.3f}{over})  accuracy "
                  f"{metrics['accuracy']:.3f}  n={metrics['n']}")
     if "macro_f1_over" in metrics:
         lines.append(f"macro-F1 over {metrics['macro_f1_over']}")

@@ -94,8 +94,9 @@ def write_submission(ids: Sequence[str], labels: Sequence[str], out: str | Path,
 
 
 def score_table(run: LoadedRun, table: pd.DataFrame, n_boot: int = 2000) -> tuple[dict, pd.DataFrame]:
-    """Metrics of `run` on a labelled table (path, label) and its predictions (with `true_label`); unreadable
-    images are left out and listed in `skipped_images`."""
+    """Metrics of `run` on a labelled table (path, label[, group]) and its predictions (with `true_label`);
+    unreadable images are left out and listed in `skipped_images`. With near-duplicate groups in the table, the CI
+    of macro-F1 resamples whole groups."""
     unknown = sorted(set(table["label"]) - set(run.classes))
     if unknown:
         raise DataLayoutError(f"labels the model was not trained on: {unknown}; it knows {run.classes}")
@@ -105,7 +106,11 @@ def score_table(run: LoadedRun, table: pd.DataFrame, n_boot: int = 2000) -> tupl
     index = {c: i for i, c in enumerate(run.classes)}
     y_true = np.array([index[c] for c in frame.loc[ok, "true_label"]], dtype=np.int64)
     y_pred = np.array([index[c] for c in frame.loc[ok, "label"]], dtype=np.int64)
-    metrics = compute_metrics(y_true, y_pred, run.classes, n_boot=n_boot)
+    grouped = "group" in table and table["group"].nunique() < len(table)  # a CI over near-duplicate groups
+    groups = table["group"].to_numpy()[ok.to_numpy()] if grouped else None
+    metrics = compute_metrics(y_true, y_pred, run.classes, n_boot=n_boot, groups=groups)
+    if grouped:
+        metrics["ci_over"] = f"{len(set(groups))} near-duplicate groups"
     # the calibration of exactly what was scored (the run's temperature, members and views): an ensemble's own ECE
     members = len(run.info.get("members") or [1])
     metrics.update(ece=expected_calibration_error(preds.probs[ok.to_numpy()], y_true), ece_bins=15,
