@@ -48,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table  # noqa: E402
 from scale import tree_rss_mib  # noqa: E402
 
+from pomona.runtime import TCMALLOC_SETTINGS  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 DATA = ROOT.parent / "shared" / "data"
@@ -66,22 +68,23 @@ def glibc(mmap_mb: int, trim_mb: int, arenas: int = 0) -> dict:
 
 
 def preload(library: str) -> dict:
-    return {"LD_PRELOAD": str(LIBS / library), "GLIBC_TUNABLES": ""}
+    return {"LD_PRELOAD": str(LIBS / library), "GLIBC_TUNABLES": BEFORE, **TCMALLOC_SETTINGS}
 
 
+WHOLE = ["--micro-batch", "0"]
 OPTIONS: dict[str, tuple[str, dict, list[str]]] = {
-    "today": ("glibc mmap 4 GB, trim 16 GB (the re-exec before)", {"GLIBC_TUNABLES": BEFORE}, []),
-    "glibc": ("glibc as it comes (no tunables)", {"GLIBC_TUNABLES": ""}, []),
-    "g64": ("glibc mmap 64 MB, trim 64 MB", glibc(64, 64), []),
-    "g256": ("glibc mmap 256 MB, trim 256 MB", glibc(256, 256), []),
-    "g256a2": ("glibc mmap 256 MB, trim 256 MB, 2 arenas", glibc(256, 256, 2), []),
-    "today-a2": ("today + 2 arenas (MALLOC_ARENA_MAX=2)", {"GLIBC_TUNABLES": BEFORE, "MALLOC_ARENA_MAX": "2"}, []),
-    "jemalloc": ("jemalloc (LD_PRELOAD libjemalloc2)", preload("libjemalloc.so.2"), []),
-    "tcmalloc": ("tcmalloc (LD_PRELOAD libtcmalloc-minimal4)", preload("libtcmalloc_minimal.so.4"), []),
-    "cache224": ("today + --cache-side 224 (uint8 at the input size)", {"GLIBC_TUNABLES": BEFORE},
-                 ["--cache-side", "224"]),
-    "whole": ("default malloc + --micro-batch 0 (whole batches)", {}, ["--micro-batch", "0"]),
-    "default": ("default: pomona's re-exec as it is now", {}, []),
+    "today": ("glibc mmap 4 GB, trim 16 GB; whole batches (before)", {"GLIBC_TUNABLES": BEFORE}, WHOLE),
+    "default": ("pomona's re-exec and defaults as they are now", {}, []),
+    "tcmalloc-whole": ("tcmalloc; whole batches", preload("libtcmalloc_minimal.so.4"), WHOLE),
+    "today-mb8": ("glibc mmap 4 GB, trim 16 GB; slices of 8", {"GLIBC_TUNABLES": BEFORE}, []),
+    "tcmalloc-mb8": ("tcmalloc; slices of 8", preload("libtcmalloc_minimal.so.4"), []),
+    "jemalloc-mb8": ("jemalloc; slices of 8", preload("libjemalloc.so.2"), []),
+    "glibc-mb8": ("glibc as it comes (no tunables); slices of 8", {"GLIBC_TUNABLES": ""}, []),
+    "g256-mb8": ("glibc mmap 256 MB, trim 256 MB; slices of 8", glibc(256, 256), []),
+    "g64-mb8": ("glibc mmap 64 MB, trim 1 GB; slices of 8", glibc(64, 1024), []),
+    "arena2-mb8": ("glibc mmap 4 GB, trim 16 GB, MALLOC_ARENA_MAX=2; slices of 8",
+                   {"GLIBC_TUNABLES": BEFORE, "MALLOC_ARENA_MAX": "2"}, []),
+    "cache224": ("defaults + --cache-side 224 (uint8 at the input size, not 2x)", {}, ["--cache-side", "224"]),
 }
 """name -> (description, environment, extra training flags)."""
 
@@ -284,14 +287,15 @@ def main() -> None:
         print({k: v for k, v in rows[-1].items() if k != "run"}, flush=True)
         pd.DataFrame(rows).drop(columns="run", errors="ignore").to_csv(out / "rows.csv", index=False)
 
-    for part, names, repeats in (("train", options, args.repeats), ("folds", args.fold_options, 1)):
+    fold_options = (args.fold_options or args.options).split(",")
+    for part, names, repeats in (("train", options, args.repeats), ("folds", fold_options, 1)):
         if part not in parts:
             continue
         for r in range(repeats):
-            for option in (names or args.options).split(",") if isinstance(names, str) else names:
+            for option in names:
                 got = train(option, out, args, folds=5 if part == "folds" else 0)
-                run = run or got.pop("run")
-                got.pop("run", None)
+                trained = got.pop("run")
+                run = run or trained
                 record(part, option, got, r)
     if run is None and {"predict", "serve"} & set(parts):
         raise SystemExit("predict and serve need --run or the train part")

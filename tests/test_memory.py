@@ -11,23 +11,40 @@ from pomona.config import TrainConfig
 from pomona.train import backward_in_slices, micro_batch_size
 
 
-def reexec_environments(monkeypatch, environ: dict) -> list[dict]:
-    """The environments `reexec_with_malloc_tuning(environ)` would re-execute with (os.execve recorded)."""
+def reexec_environments(monkeypatch, environ: dict, tcmalloc: str | None) -> list[dict]:
+    """The environments `reexec_with_malloc_tuning(environ)` re-executes with (os.execve recorded), where the
+    dynamic linker finds `tcmalloc` (None: not installed)."""
     calls = []
     monkeypatch.setattr(runtime.os, "execve", lambda path, argv, env: calls.append(env))
+    monkeypatch.setattr(runtime, "find_tcmalloc", lambda: tcmalloc)
     runtime.reexec_with_malloc_tuning(environ)
     return calls
 
 
-def test_the_reexec_sets_the_chosen_malloc_settings(monkeypatch):
-    (env,) = reexec_environments(monkeypatch, {"PATH": "/usr/bin"})
-    assert env["GLIBC_TUNABLES"] == CHOSEN
-    assert env["PATH"] == "/usr/bin" and "LD_PRELOAD" not in env
+GLIBC_CHOSEN = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+
+
+def test_the_reexec_preloads_tcmalloc_where_it_is_installed(monkeypatch):
+    (env,) = reexec_environments(monkeypatch, {"PATH": "/usr/bin"}, "libtcmalloc_minimal.so.4")
+    assert env == {"PATH": "/usr/bin", "GLIBC_TUNABLES": GLIBC_CHOSEN, "LD_PRELOAD": "libtcmalloc_minimal.so.4",
+                   "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+
+
+def test_without_tcmalloc_or_with_the_users_own_preload_glibc_gets_the_thresholds(monkeypatch):
+    (env,) = reexec_environments(monkeypatch, {"PATH": "/usr/bin"}, None)
+    assert env == {"PATH": "/usr/bin", "GLIBC_TUNABLES": GLIBC_CHOSEN}
+    (env,) = reexec_environments(monkeypatch, {"LD_PRELOAD": "libjemalloc.so.2"}, "libtcmalloc_minimal.so.4")
+    assert env == {"LD_PRELOAD": "libjemalloc.so.2", "GLIBC_TUNABLES": GLIBC_CHOSEN}
 
 
 def test_the_users_own_setting_or_no_reexec_runs_as_it_is(monkeypatch):
-    assert reexec_environments(monkeypatch, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1"}) == []
-    assert reexec_environments(monkeypatch, {"POMONA_NO_REEXEC": "1"}) == []
+    tcmalloc = "libtcmalloc_minimal.so.4"
+    assert reexec_environments(monkeypatch, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1"}, tcmalloc) == []
+    assert reexec_environments(monkeypatch, {"POMONA_NO_REEXEC": "1"}, tcmalloc) == []
+
+
+def test_tcmalloc_is_found_by_its_library_name_or_not_at_all():
+    assert runtime.find_tcmalloc() in (None, "libtcmalloc_minimal.so.4")
 
 
 def tiny_net() -> nn.Module:

@@ -11,15 +11,40 @@ from typing import Mapping
 # thresholds raised. glibc reads them only at process start, so entry points re-execute themselves once.
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
 
+# Where it is installed (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`), tcmalloc replaces glibc's malloc:
+# training in slices of 8 images (train.CPU_MICRO_BATCH) then runs as fast as whole batches of 32 did under
+# the thresholds above, and peaks at well under half their memory (benchmarks/memory.py). Its report of every
+# allocation over 1 GB (a large decoded-image cache) is silenced.
+TCMALLOC = "libtcmalloc_minimal.so.4"
+TCMALLOC_SETTINGS = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+
+
+def find_tcmalloc() -> str | None:
+    """The tcmalloc library's file name when the dynamic linker can find it, else None."""
+    from ctypes.util import find_library
+
+    found = find_library("tcmalloc_minimal")
+    return found if found and found.startswith("libtcmalloc_minimal.so") else None
+
+
+def malloc_environment(environ: Mapping[str, str], tcmalloc: str | None) -> dict[str, str]:
+    """`environ` with the malloc settings pomona runs under: GLIBC_TUNABLES, and `tcmalloc` (a library name or
+    path) preloaded unless `environ` already preloads something."""
+    env = dict(environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+    if tcmalloc and not environ.get("LD_PRELOAD"):
+        env.update(TCMALLOC_SETTINGS, LD_PRELOAD=tcmalloc)
+    return env
+
 
 def reexec_with_malloc_tuning(environ: Mapping[str, str]) -> None:
-    """Re-run this very command line with GLIBC_TUNABLES set, unless `environ` (the entry point's environment)
-    already has it (set by us or the user) or POMONA_NO_REEXEC, or this is not glibc Linux. Call it early in an
-    entry point, before PyTorch is imported; it does not return when it re-executes."""
+    """Re-run this very command line with the malloc settings (`malloc_environment`), unless `environ` (the entry
+    point's environment) already has GLIBC_TUNABLES (set by us or the user) or POMONA_NO_REEXEC, or this is not
+    glibc Linux. Call it early in an entry point, before PyTorch is imported; it does not return when it
+    re-executes."""
     if not sys.platform.startswith("linux") or "GLIBC_TUNABLES" in environ or environ.get("POMONA_NO_REEXEC"):
         return
     argv = [sys.executable, *sys.orig_argv[1:]]
     try:
-        os.execve(sys.executable, argv, dict(environ, GLIBC_TUNABLES=MALLOC_TUNABLES))
+        os.execve(sys.executable, argv, malloc_environment(environ, find_tcmalloc()))
     except OSError:
         pass  # carry on without the setting
