@@ -17,12 +17,13 @@ An option that sets GLIBC_TUNABLES (even to nothing) stops pomona's own malloc r
 what runs; `default` sets nothing: the re-exec in pomona.runtime, as a user gets it.
 
 Columns: peak_mb is the largest sum of VmRSS over the process and all its children, sampled every 0.2 s from
-/proc (never below the main process's own VmHWM); img_s is training's images/s (history.csv, the mean over
-epochs and folds), or photos (requests) per second of wall time for predict (serve); cpu_s is the CPU time
-(user + system) of the whole process tree. On a machine shared with other jobs wall time depends on the load of
-the moment, CPU time much less: compare the `_vs_ref` ratios, taken within each round against the first option
-of the round (the options run interleaved, A B C A B C, so that a burst of load hits each alike), and read
-the CPU-time ratio as the throughput of the option.
+/proc (never below the main process's own VmHWM), the largest over an option's runs; img_s is training's
+images/s (history.csv, the mean over epochs and folds), or photos (requests) per second of wall time for predict
+(serve); cpu_s is the CPU time (user + system) of the whole process tree. The options run interleaved
+(A B C A B C) and each option's best img_s and least cpu_s are shown: on a machine shared with other jobs a run
+is only ever slowed down, by the load of its moment (its CPU time grows too, with threads spinning while they
+wait for each other), so the least disturbed run is the measure. `_vs_ref` compares with the part's first
+option.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import socket
 import subprocess
 import sys
@@ -40,7 +40,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -271,9 +270,14 @@ def main() -> None:
     parser.add_argument("--run", default=None, help="run folder for predict and serve (default: the first "
                                                     "training row's)")
     parser.add_argument("--out", default="runs/bench-memory")
+    parser.add_argument("--from-rows", default=None, help="only print the table of these rows.csv files "
+                                                          "(comma-separated: runs of several invocations)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_rows:
+        summarize(pd.concat([pd.read_csv(f) for f in args.from_rows.split(",")], ignore_index=True), out)
+        return
     options = args.options.split(",")
     parts = args.parts.split(",")
     rows: list[dict] = []
@@ -281,11 +285,8 @@ def main() -> None:
 
     def record(part: str, option: str, got: dict, round_: int) -> None:
         rows.append({"part": part, "option": option, "round": round_, **got})
-        ref = next(r for r in rows if r["part"] == part and r["round"] == round_)
-        rows[-1]["img_s_vs_ref"] = got["img_s"] / ref["img_s"]
-        rows[-1]["cpu_vs_ref"] = got["cpu_s"] / ref["cpu_s"]
-        print({k: v for k, v in rows[-1].items() if k != "run"}, flush=True)
-        pd.DataFrame(rows).drop(columns="run", errors="ignore").to_csv(out / "rows.csv", index=False)
+        print(rows[-1], flush=True)
+        pd.DataFrame(rows).to_csv(out / "rows.csv", index=False)
 
     fold_options = (args.fold_options or args.options).split(",")
     for part, names, repeats in (("train", options, args.repeats), ("folds", fold_options, 1)):
@@ -307,21 +308,27 @@ def main() -> None:
             if "serve" in parts:
                 record("serve", option, serve(option, out, run, args.requests), 0)
 
-    table = pd.DataFrame(rows)
+    summarize(pd.DataFrame(rows), out)
+
+
+def summarize(table: pd.DataFrame, out: Path) -> str:
+    """One row per part and option: the largest peak (and idle, after) RSS of its runs, its best training img/s
+    and least CPU time (the run least disturbed by other jobs), and these against the part's first option."""
     summary = []
     for (part, option), group in table.groupby(["part", "option"], sort=False):
-        row = {"part": part, "option": f"{option}: {OPTIONS[option][0]}" + (" " + " ".join(OPTIONS[option][2])
-                                                                          if OPTIONS[option][2] else ""),
+        description, _, flags = OPTIONS[option]
+        row = {"part": part, "option": f"{option}: {description}" + "".join(f" {f}" for f in flags),
                "runs": len(group)}
-        for c in ("peak_mb", "idle_mb", "after_mb", "img_s", "img_s_vs_ref", "cpu_s", "cpu_vs_ref"):
+        for c, pick in (("peak_mb", max), ("idle_mb", max), ("after_mb", max), ("img_s", max), ("cpu_s", min)):
             if c in group and group[c].notna().any():
-                row[c] = float(group[c].median())
+                row[c] = float(pick(group[c].dropna()))
+        ref = next(r for r in summary if r["part"] == part) if any(r["part"] == part for r in summary) else row
+        row["img_s_vs_ref"], row["cpu_vs_ref"] = row["img_s"] / ref["img_s"], row["cpu_s"] / ref["cpu_s"]
         summary.append(row)
     text = print_table(summary, ["part", "option", "runs", "peak_mb", "idle_mb", "after_mb", "img_s",
                                  "img_s_vs_ref", "cpu_s", "cpu_vs_ref"])
     (out / "results.md").write_text(text + "\n")
-    shutil.copy(out / "rows.csv", out / "rows-last.csv")
-
+    return text
 
 if __name__ == "__main__":
     main()

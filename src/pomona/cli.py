@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = parse_line(build_parser(), argv)
     if not getattr(ns, "print_config", None):
         check_number_flags(ns, COMMANDS)  # a number out of range ends here, at once, as a usage error does
-        reexec_with_malloc_tuning(os.environ)
+        reexec_with_malloc_tuning(os.environ, tcmalloc=getattr(ns, "command", None) != "serve")
     sys.exit(execute(parse(argv)))
 
 

@@ -36,15 +36,16 @@ def malloc_environment(environ: Mapping[str, str], tcmalloc: str | None) -> dict
     return env
 
 
-def reexec_with_malloc_tuning(environ: Mapping[str, str]) -> None:
+def reexec_with_malloc_tuning(environ: Mapping[str, str], tcmalloc: bool = True) -> None:
     """Re-run this very command line with the malloc settings (`malloc_environment`), unless `environ` (the entry
     point's environment) already has GLIBC_TUNABLES (set by us or the user) or POMONA_NO_REEXEC, or this is not
-    glibc Linux. Call it early in an entry point, before PyTorch is imported; it does not return when it
-    re-executes."""
+    glibc Linux. `tcmalloc=False` keeps glibc's malloc (the web server: its freed decode memory must go back to the
+    system, which glibc's trim does and tcmalloc does not). Call it early in an entry point, before PyTorch is
+    imported; it does not return when it re-executes."""
     if not sys.platform.startswith("linux") or "GLIBC_TUNABLES" in environ or environ.get("POMONA_NO_REEXEC"):
         return
     argv = [sys.executable, *sys.orig_argv[1:]]
     try:
-        os.execve(sys.executable, argv, malloc_environment(environ, find_tcmalloc()))
+        os.execve(sys.executable, argv, malloc_environment(environ, find_tcmalloc() if tcmalloc else None))
     except OSError:
         pass  # carry on without the setting
