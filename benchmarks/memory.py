@@ -125,6 +125,15 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def allocator(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            maps = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in maps), "glibc")
+
+
 class Sampler(threading.Thread):
     """Samples the resident memory of a process tree every `every` seconds: `last`, and `peak` since the last
     `reset()` (the main process's VmHWM counts when the tree is that one process)."""
@@ -133,9 +142,12 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.every, self.peak, self.last = pid, every, 0.0, 0.0
         self.stopped = threading.Event()
+        self.allocator, self.began = "", time.monotonic()
 
     def sample(self) -> float:
         self.last = tree_rss_mib(self.pid)
+        if not self.allocator and time.monotonic() - self.began > 5:  # after the re-exec: which malloc is loaded
+            self.allocator = allocator(self.pid)
         self.peak = max(self.peak, self.last, status_mb(self.pid, "VmHWM") if len(tree(self.pid)) == 1 else 0)
         return self.last
 
@@ -168,7 +180,7 @@ def pomona(option: str, args: list[str], log: Path) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         raise RuntimeError(f"pomona {' '.join(args)} failed ({option}):\n{log.read_text()[-3000:]}")
-    return {"peak_mb": sampler.peak, "seconds": time.perf_counter() - start,
+    return {"peak_mb": sampler.peak, "seconds": time.perf_counter() - start, "malloc": sampler.allocator,
             "cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime}
 
 
@@ -219,7 +231,7 @@ def serve(option: str, out: Path, run: Path, requests_total: int, clients: int =
                 raise RuntimeError(f"pomona serve did not start ({option}): see {log.name}")
             time.sleep(0.5)
         time.sleep(2)
-        idle = sampler.sample()
+        idle, kind = sampler.sample(), allocator(proc.pid)
         sampler.reset()
         sampler.start()
         cpu = cpu_seconds(proc.pid)
@@ -243,6 +255,7 @@ def serve(option: str, out: Path, run: Path, requests_total: int, clients: int =
         except subprocess.TimeoutExpired:
             proc.kill()
     return {"idle_mb": idle, "after_mb": after, "peak_mb": sampler.peak, "img_s": requests_total / seconds,
+            "malloc": kind,
             "cpu_s": cpu, "seconds": seconds, "errors": sum(c != 200 for c in codes)}
 
 
@@ -318,6 +331,7 @@ def summarize(table: pd.DataFrame, out: Path) -> str:
     for (part, option), group in table.groupby(["part", "option"], sort=False):
         description, _, flags = OPTIONS[option]
         row = {"part": part, "option": f"{option}: {description}" + "".join(f" {f}" for f in flags),
+               "malloc": "/".join(sorted(set(group["malloc"].dropna()))) if "malloc" in group else "",
                "runs": len(group)}
         for c, pick in (("peak_mb", max), ("idle_mb", max), ("after_mb", max), ("img_s", max), ("cpu_s", min)):
             if c in group and group[c].notna().any():
@@ -325,7 +339,7 @@ def summarize(table: pd.DataFrame, out: Path) -> str:
         ref = next(r for r in summary if r["part"] == part) if any(r["part"] == part for r in summary) else row
         row["img_s_vs_ref"], row["cpu_vs_ref"] = row["img_s"] / ref["img_s"], row["cpu_s"] / ref["cpu_s"]
         summary.append(row)
-    text = print_table(summary, ["part", "option", "runs", "peak_mb", "idle_mb", "after_mb", "img_s",
+    text = print_table(summary, ["part", "option", "malloc", "runs", "peak_mb", "idle_mb", "after_mb", "img_s",
                                  "img_s_vs_ref", "cpu_s", "cpu_vs_ref"])
     (out / "results.md").write_text(text + "\n")
     return text

@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "pomona"
 
 LAYERS = [
-    ["config", "errors", "atomic", "progress"],
+    ["config", "errors", "atomic", "progress", "runtime"],
     ["images", "index", "split", "data", "balance"],
     ["model", "augment", "preprocessing", "tta", "metrics", "batch_augment"],
     ["onnx_io", "engine", "checkpoint"],
@@ -21,7 +21,7 @@ LAYERS = [
     ["predict", "annotate", "report", "explain", "export", "serve"],
     ["study", "tune", "tracking", "ablate", "preview", "fetch", "doctor", "doctor_checks", "doctor_page", "suggest",
      "workflows"],
-    ["cli", "cliargs", "__main__", "runtime", "__init__"],
+    ["cli", "cliargs", "__main__", "__init__"],
 ]
 LAYER = {module: i for i, modules in enumerate(LAYERS) for module in modules}
 

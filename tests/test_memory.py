@@ -1,6 +1,9 @@
-"""Memory (issue 21, point 2; measured by benchmarks/memory.py): the malloc settings the re-exec puts in force
-(pomona.runtime), and training in slices of a batch (train.backward_in_slices), which gives the whole batch's
-loss and gradients while holding one slice's activations."""
+"""Memory (issue 21, point 2; measured by benchmarks/memory.py): the allocator the re-exec puts in force
+(pomona.runtime), and running the model on slices of a batch, in training (train.backward_in_slices: the whole
+batch's loss and gradients) and inference (model.forward_in_slices: the same outputs), which holds one slice's
+activations instead of the batch's."""
+
+import contextlib
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ from torch import nn
 
 from pomona import runtime
 from pomona.config import TrainConfig
+from pomona.model import forward_in_slices
 from pomona.train import backward_in_slices, micro_batch_size
 
 
@@ -45,6 +49,7 @@ def test_the_users_own_setting_or_no_reexec_runs_as_it_is(monkeypatch):
 
 def test_tcmalloc_is_found_by_its_library_name_or_not_at_all():
     assert runtime.find_tcmalloc() in (None, "libtcmalloc_minimal.so.4")
+    runtime.release_memory()  # glibc here (tests run without the re-exec): malloc_trim
 
 
 def tiny_net() -> nn.Module:
@@ -75,3 +80,31 @@ def test_micro_batch_default_is_eight_on_the_cpu_and_whole_batches_on_a_gpu():
     assert micro_batch_size(TrainConfig(), torch.device("cuda")) == 0
     assert micro_batch_size(TrainConfig(micro_batch=0), torch.device("cpu")) == 0
     assert micro_batch_size(TrainConfig(micro_batch=16), torch.device("cuda")) == 16
+
+
+def test_under_ddp_gradients_are_reduced_once_after_the_last_slice():
+    class FakeDDP:  # records which slices ran inside no_sync (gradients kept local, not all-reduced)
+        def __init__(self, model):
+            self.model, self.inside, self.calls = model, False, []
+
+        def __call__(self, x):
+            self.calls.append(self.inside)
+            return self.model(x)
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.inside = True
+            yield
+            self.inside = False
+
+    ddp = FakeDDP(tiny_net())
+    backward_in_slices(ddp, nn.CrossEntropyLoss(), torch.randn(11, 3, 8, 8), torch.zeros(11, dtype=torch.long), 4,
+                       ddp=ddp)
+    assert ddp.calls == [True, True, False]
+
+
+def test_inference_in_slices_gives_the_same_outputs():
+    model, x = tiny_net(), torch.randn(11, 3, 8, 8)
+    with torch.inference_mode():
+        assert torch.allclose(forward_in_slices(model, x, 4), model(x), atol=1e-6)
+        assert torch.equal(forward_in_slices(model, x, 0), model(x))

@@ -49,7 +49,7 @@ from .atomic import atomic_write, write_json
 from .config import MAX_ASPECT
 from .engine import EngineError, OnnxEngine, Predictions, cpu_supports_bf16, predict_paths, softmax
 from .errors import PomonaError
-from .model import create_model, resolve_device
+from .model import CPU_MICRO_BATCH, create_model, forward_in_slices, resolve_device
 from .onnx_io import onnxruntime_available
 from .preprocessing import Preprocessing
 from .tta import average_probs, views_for
@@ -578,7 +578,9 @@ class LoadedRun:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             t = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x).to(self.device)
             t = t.contiguous(memory_format=torch.channels_last)
-            return average_probs(lambda v: module(v).float().softmax(-1), t, self.views).cpu().numpy()
+            size = CPU_MICRO_BATCH if self.device.type == "cpu" else 0  # as fast, a quarter of the memory
+            return average_probs(lambda v: forward_in_slices(module, v, size).float().softmax(-1), t,
+                                 self.views).cpu().numpy()
 
     def predict(self, paths: Sequence[str | Path], batch_size: int | None = None) -> Predictions:
         """Probabilities for photo files, in input order, each decoded once (in threads, while the model runs on

@@ -21,6 +21,7 @@ The run folder:
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from .index import index_folder
 from .metrics import (apply_temperature, bootstrap_ci, compute_metrics, expected_calibration_error,
                       fit_temperature, macro_f1, write_metrics)
 from .progress import write
+from .runtime import release_memory
 from .selftrain import index_unlabeled, self_train
 from .train import Callback, train_and_evaluate
 from .tta import views_for
@@ -180,6 +182,8 @@ def train_folds(cfg: Config, run_dir: str | Path, folds: int = 5, repeats: int =
                              "seconds": time.perf_counter() - fold_start})
             members.append(fold_dir)
             write(f"fold {k + 1}/{folds}: held-out macro-F1 {score:.3f}")
+            gc.collect()  # the fold's model, optimiser and decoded photos: back to the OS before the next fold
+            release_memory()
         probs = view_probs.mean(0)
         repeat_probs.append(probs)
         repeat_view_probs.append(view_probs)

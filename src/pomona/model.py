@@ -32,6 +32,21 @@ _INVERTED_RESIDUAL = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv
                       "_project_conv": "conv_pwl", "_bn2": "bn3"}
 
 
+CPU_MICRO_BATCH = 8
+"""Images per forward pass on the CPU, in training (`train.backward_in_slices`, `TrainConfig.micro_batch`) and
+inference (`forward_in_slices`): a 224 px Lite0 image holds ~75 MB of activations until its backward pass (2.4 GB
+for a batch of 32); on 2 cores slices of 8 run as fast as batches of 32 (under tcmalloc, `pomona.runtime`) with
+a quarter of the memory (benchmarks/memory.py)."""
+
+
+def forward_in_slices(model, x: torch.Tensor, size: int) -> torch.Tensor:
+    """`model(x)` computed `size` images at a time (0 = all at once): the same outputs when no layer mixes the
+    images of a batch (batch norm in eval mode), with one slice's activations in memory."""
+    if not 0 < size < len(x):
+        return model(x)
+    return torch.cat([model(part) for part in x.split(size)])
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' = CUDA when available, else the CPU; any other name as torch spells it."""
     if name == "auto":

@@ -1,4 +1,5 @@
-"""Process-level settings that must be in force before PyTorch starts."""
+"""The process's memory allocator: the malloc settings that must be in force before PyTorch starts (the
+re-exec of the entry point), and handing freed memory back to the operating system."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Mapping
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
 
 # Where it is installed (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`), tcmalloc replaces glibc's malloc:
-# training in slices of 8 images (train.CPU_MICRO_BATCH) then runs as fast as whole batches of 32 did under
+# training in slices of 8 images (model.CPU_MICRO_BATCH) then runs as fast as whole batches of 32 did under
 # the thresholds above, and peaks at well under half their memory (benchmarks/memory.py). Its report of every
 # allocation over 1 GB (a large decoded-image cache) is silenced.
 TCMALLOC = "libtcmalloc_minimal.so.4"
@@ -49,3 +50,19 @@ def reexec_with_malloc_tuning(environ: Mapping[str, str], tcmalloc: bool = True)
         os.execve(sys.executable, argv, malloc_environment(environ, find_tcmalloc() if tcmalloc else None))
     except OSError:
         pass  # carry on without the setting
+
+
+def release_memory() -> None:
+    """Hand the heap memory this process has freed back to the operating system: tcmalloc's free pages where it
+    is the allocator (`malloc_environment`), else glibc's (`malloc_trim`). Under either, freed buffers otherwise
+    stay in the process, ready for reuse (which is what makes them fast)."""
+    import ctypes
+
+    try:
+        process = ctypes.CDLL(None)
+    except OSError:
+        return
+    for release, args in (("MallocExtension_ReleaseFreeMemory", ()), ("malloc_trim", (0,))):
+        if hasattr(process, release):
+            getattr(process, release)(*args)
+            return

@@ -21,7 +21,6 @@ created.
 
 
 import asyncio
-import ctypes
 import importlib.resources
 import os
 import threading
@@ -37,6 +36,7 @@ from .config import ServeCommand
 from .engine import MicroBatcher, verdict
 from .images import BadImageError, load_image
 from .preprocessing import create_eval_transform_np
+from .runtime import release_memory
 
 
 class ClassifierService:
@@ -98,15 +98,6 @@ class ClassifierService:
     def close(self) -> None:
         self.batcher.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
-
-
-def release_memory() -> None:
-    """Hand the heap memory freed by decodes back to the operating system (glibc `malloc_trim`). pomona runs
-    with raised malloc thresholds (runtime.py), under which freed buffers otherwise stay in the process."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 class ServerBusy(Exception):
