@@ -25,11 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-from pomona.ablate import AblationSettings, run_ablation
-from pomona.balance import balance_table
 from pomona.config import BalanceConfig, Config, merge
-from pomona.index import index_folder
-from pomona.runtime import reexec_with_malloc_tuning
+from pomona.core.runtime import reexec_with_malloc_tuning
+from pomona.data.balance import balance_table
+from pomona.data.index import index_folder
+from pomona.tools.ablate import AblationSettings, run_ablation
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

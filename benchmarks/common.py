@@ -9,10 +9,10 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from pomona.datasets import DecodedImages, ImageDataset
-from pomona.preprocessing import create_eval_transform, resolve_preprocessing
-from pomona.metrics import macro_f1
-from pomona.model import create_backbone
+from pomona.data.preprocessing import create_eval_transform, resolve_preprocessing
+from pomona.models.metrics import macro_f1
+from pomona.models.model import create_backbone
+from pomona.training.datasets import DecodedImages, ImageDataset
 
 
 @torch.inference_mode()
@@ -82,7 +82,7 @@ def frozen_features_cv(table: pd.DataFrame, fold: np.ndarray, sets: dict[str, pd
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from pomona.metrics import bootstrap_ci
+    from pomona.models.metrics import bootstrap_ci
 
     model = create_backbone(name, "package").eval().to(memory_format=torch.channels_last)
     pre = resolve_preprocessing(model)

@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table  # noqa: E402
 from scale import make_subset, run_job  # noqa: E402
 
-from pomona.index import index_folder  # noqa: E402
-from pomona.metrics import macro_f1  # noqa: E402
-from pomona.runtime import MALLOC_TUNABLES, reexec_with_malloc_tuning  # noqa: E402
+from pomona.core.runtime import MALLOC_TUNABLES, reexec_with_malloc_tuning  # noqa: E402
+from pomona.data.index import index_folder  # noqa: E402
+from pomona.models.metrics import macro_f1  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -55,7 +55,7 @@ PASS = re.compile(r"^(r\d?_)?")
 # ---------------------------------------------------------------------------------------------- label errors
 def planted_label_errors(train: pd.DataFrame, features: np.ndarray, out: Path, seeds: int = 5, flips: int = 15,
                          top: int = 30) -> dict:
-    from pomona.doctor import doctor
+    from pomona.curation.doctor import doctor
 
     classes = sorted(set(train["label"]))
     rows = []
@@ -104,8 +104,8 @@ def planted_leaks(train: pd.DataFrame, val: pd.DataFrame, f_train: np.ndarray, f
                   seed: int = 0) -> dict:
     from PIL import Image
 
-    from pomona.doctor import doctor
-    from pomona.groups import compute_grouping_features
+    from pomona.curation.doctor import doctor
+    from pomona.training.grouping import compute_grouping_features
 
     rng = np.random.default_rng(seed)
     folder = out / "planted-test"
@@ -152,8 +152,8 @@ def _fit(x, y):
 
 def label_next(groups: pd.DataFrame, features: np.ndarray, seeds: int = 3, start: int = 5, rounds: int = 3,
                n: int = 50) -> pd.DataFrame:
-    from pomona.groups import choose_threshold
-    from pomona.suggest import choose_next, uncertainty
+    from pomona.curation.suggest import choose_next, uncertainty
+    from pomona.data.groups import choose_threshold
 
     table = groups.reset_index(drop=True)
     passes = table["label"] + "/" + [PASS.match(Path(p).name).group(0) for p in table["path"]]
@@ -205,7 +205,7 @@ def main() -> None:
     reexec_with_malloc_tuning(os.environ)  # the malloc setting pomona's entry points use (3x faster features)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from pomona.groups import compute_grouping_features
+    from pomona.training.grouping import compute_grouping_features
 
     train, val = index_folder(GROCERY / "train"), index_folder(GROCERY / "val")
     start = time.perf_counter()

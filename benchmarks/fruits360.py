@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import frozen_features_baseline, report_against_reference  # noqa: E402
 
 from pomona.config import Config, load_overrides, merge  # noqa: E402
-from pomona.data import prepare_data  # noqa: E402
-from pomona.checkpoint import load_run  # noqa: E402
-from pomona.predict import score_table  # noqa: E402
-from pomona.runtime import reexec_with_malloc_tuning  # noqa: E402
-from pomona.train import train_and_evaluate  # noqa: E402
+from pomona.core.runtime import reexec_with_malloc_tuning  # noqa: E402
+from pomona.data.bundle import prepare_data  # noqa: E402
+from pomona.inference.loaded import load_run  # noqa: E402
+from pomona.inference.predict import score_table  # noqa: E402
+from pomona.training.train import train_and_evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "fruits360-apples" / "all"

@@ -65,8 +65,8 @@ def model_only(name: str, img_size: int, batch_size: int, steps: int, device) ->
     import torch
 
     from pomona.config import TrainConfig
-    from pomona.model import create_model
-    from pomona.train import create_optimizer
+    from pomona.models.model import create_model
+    from pomona.training.optim import create_optimizer
 
     torch.cuda.reset_peak_memory_stats(device)
     model = create_model(name, 5, 512, 0.3, weights="none").to(device).to(memory_format=torch.channels_last)
@@ -98,7 +98,7 @@ def pomona_loop(cfg, out: Path, device) -> dict:
     """img/s of pomona's own loop (train_and_evaluate), median over the epochs after the first."""
     import torch
 
-    from pomona.train import train_and_evaluate
+    from pomona.training.train import train_and_evaluate
 
     torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -168,10 +168,10 @@ def run_cpu(args) -> list[dict]:
     import torch
 
     from pomona.config import merge
-    from pomona.data import prepare_data
-    from pomona.datasets import DecodedImages, ImageStore
-    from pomona.preprocessing import resolve_preprocessing
-    from pomona.train import create_device_loaders, create_loaders
+    from pomona.data.bundle import prepare_data
+    from pomona.data.preprocessing import resolve_preprocessing
+    from pomona.training.datasets import DecodedImages, ImageStore
+    from pomona.training.loaders import create_device_loaders, create_loaders
 
     cfg = base_config(args.data, args.img_size, args.batch_size, "cpu")
     bundle = prepare_data(cfg.data)
@@ -255,7 +255,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from pomona.runtime import reexec_with_malloc_tuning
+    from pomona.core.runtime import reexec_with_malloc_tuning
 
     reexec_with_malloc_tuning(os.environ)
     main()

@@ -9,7 +9,7 @@ which records the parity of the low-precision engines with fp32 on the run's hel
 Rows (left-right flip TTA off everywhere, so every row does the same work per photo), at the run's own size:
   eager PyTorch, default   a fresh process WITHOUT the GLIBC_TUNABLES malloc setting (POMONA_NO_REEXEC=1),
                            model.eval() + torch.inference_mode() on NCHW tensors: what a plain script does
-  PyTorch, tuned           malloc thresholds raised (pomona.runtime) + channels_last, as `predict --engine torch`
+  PyTorch, tuned           malloc thresholds raised (pomona.core.runtime) + channels_last, as `predict --engine torch`
   PyTorch bf16             the same under torch.autocast("cpu", bfloat16) (`--engine torch-bf16`)
   ONNX Runtime, bare       a default InferenceSession on the run's model.onnx (the same graph pomona uses)
   pomona OnnxEngine        pomona's engine on the same preprocessed arrays (fp32 model.onnx; int8 model.int8.onnx)
@@ -97,7 +97,7 @@ def worker(kind: str, run_dir: Path, array: Path, paths_file: Path, single: int)
     if kind in ("torch-default", "torch-tuned", "torch-bf16"):
         import torch
 
-        from pomona.checkpoint import load_run
+        from pomona.inference.loaded import load_run
 
         model = load_run(run_dir, "cpu", engine="torch").model
         channels_last = kind != "torch-default"
@@ -122,8 +122,8 @@ def worker(kind: str, run_dir: Path, array: Path, paths_file: Path, single: int)
         import onnxruntime as ort
         import torch
 
-        from pomona.images import load_image
-        from pomona.preprocessing import Preprocessing, create_eval_transform, create_resize
+        from pomona.data.images import load_image
+        from pomona.data.preprocessing import Preprocessing, create_eval_transform, create_resize
 
         session = ort.InferenceSession(str(run_dir / "model.onnx"), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
@@ -139,12 +139,12 @@ def worker(kind: str, run_dir: Path, array: Path, paths_file: Path, single: int)
         result = {"b1": _summary(_time_calls(fn, [[p] for p in paths[:single]]), 1),
                   "b32": _summary(_time_calls(fn, chunks * 2), BATCH)}
     elif kind in ("pomona-engine", "pomona-engine-int8"):
-        from pomona.engine import OnnxEngine, softmax
+        from pomona.inference.engine import OnnxEngine, softmax
 
         engine = OnnxEngine(run_dir / ("model.onnx" if kind == "pomona-engine" else "model.int8.onnx"))
         result = measure_model(lambda b: softmax(engine.logits(b)), x, single)
     elif kind.startswith("predict:"):
-        from pomona.checkpoint import load_run
+        from pomona.inference.loaded import load_run
 
         paths = paths_file.read_text().split("\n")
         engine = kind.split(":", 1)[1]
@@ -166,7 +166,7 @@ def run_worker(kind: str, run_dir: Path, array: Path, paths_file: Path, single: 
     env["POMONA_NO_REEXEC"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
     if tuned:
-        from pomona.runtime import MALLOC_TUNABLES
+        from pomona.core.runtime import MALLOC_TUNABLES
 
         env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
     cmd = [sys.executable, __file__, "--worker", kind, "--run", str(run_dir), "--array", str(array),
@@ -246,7 +246,7 @@ def export_in_subprocess(run_dir: Path, fmt: str) -> None:
 
 def select_photos(root: Path, n: int) -> list[Path]:
     """`n` photos spread over every variety and both folders, in a fixed order."""
-    from pomona.images import IMAGE_EXTENSIONS
+    from pomona.data.images import IMAGE_EXTENSIONS
 
     every = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     step = max(1, len(every) // n)
@@ -273,9 +273,10 @@ def main() -> None:
         print(json.dumps(worker(args.worker, run_dir, Path(args.array), Path(args.paths_file), args.single)))
         return
 
-    from pomona.checkpoint import find_current_export, read_export_info
-    from pomona.images import load_image
-    from pomona.preprocessing import Preprocessing, create_eval_transform_np
+    from pomona.data.images import load_image
+    from pomona.data.preprocessing import Preprocessing, create_eval_transform_np
+    from pomona.inference.loaded import find_current_export
+    from pomona.inference.runfolder import read_export_info
 
     if not (run_dir / "run.json").is_file():
         train_run(run_dir, Path(args.images))

@@ -14,7 +14,7 @@ Parts (each a fresh `python -m pomona ...` process tree, started with the option
            memory back 0.5 s after its last request), and the peak while they ran
 
 An option that sets GLIBC_TUNABLES (even to nothing) stops pomona's own malloc re-exec, so what it names is
-what runs; `default` sets nothing: the re-exec in pomona.runtime, as a user gets it.
+what runs; `default` sets nothing: the re-exec in pomona.core.runtime, as a user gets it.
 
 Columns: peak_mb is the largest sum of VmRSS over the process and all its children, sampled every 0.2 s from
 /proc (never below the main process's own VmHWM), the largest over an option's runs; img_s is training's
@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table  # noqa: E402
 from scale import tree_rss_mib  # noqa: E402
 
-from pomona.runtime import TCMALLOC_SETTINGS  # noqa: E402
+from pomona.core.runtime import TCMALLOC_SETTINGS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"

@@ -38,11 +38,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import frozen_features_cv, print_table  # noqa: E402
 
-from pomona.checkpoint import load_run  # noqa: E402
 from pomona.config import Config, load_overrides, merge  # noqa: E402
-from pomona.cv import train_folds  # noqa: E402
-from pomona.metrics import bootstrap_ci, macro_f1  # noqa: E402
-from pomona.runtime import reexec_with_malloc_tuning  # noqa: E402
+from pomona.core.runtime import reexec_with_malloc_tuning  # noqa: E402
+from pomona.inference.loaded import load_run  # noqa: E402
+from pomona.models.metrics import bootstrap_ci, macro_f1  # noqa: E402
+from pomona.training.cv import train_folds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -81,8 +81,8 @@ def rescore(name: str, default_dir: Path, folds: int, sets: dict[str, pd.DataFra
     """A row from the default recipe's own fold models, changed only at inference: "+ multi-view TTA" predicts
     with 5 views instead of the identity and its flip; "+ WiSE-FT 0.5" averages each fold model's weights with its
     linear probe's (probe.safetensors) before predicting. Out-of-fold and transfer scores as for a trained row."""
-    from pomona.checkpoint import PROBE_WEIGHTS, load_weights
-    from pomona.train import interpolate_weights
+    from pomona.inference.runfolder import PROBE_WEIGHTS, load_weights
+    from pomona.training.train import interpolate_weights
 
     if not (default_dir / "folds.csv").is_file():
         raise SystemExit(f"{name!r} re-scores the models of the 'default' row: run that row first (into {default_dir})")
@@ -163,8 +163,8 @@ def transfer_scores(run_dir: Path, members: list[Path], sets: dict[str, pd.DataF
 
 def grocery_table(base: Config, folds: int):
     """All 300 grocery photos with their near-duplicate groups (as `train --folds` finds them), and the folds."""
-    from pomona.cv import assign_folds, labelled_table
-    from pomona.groups import auto_grouper
+    from pomona.training.cv import assign_folds, labelled_table
+    from pomona.training.grouping import auto_grouper
 
     table, grouping = labelled_table(base, folds, auto_grouper(base.device))
     return table, grouping, assign_folds(table, folds, 0, base.seed)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import print_table  # noqa: E402
 
-from pomona.runtime import MALLOC_TUNABLES  # noqa: E402
+from pomona.core.runtime import MALLOC_TUNABLES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "fruits360-apples" / "all"

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table  # noqa: E402
 
 from pomona.config import Config, TuneConfig, merge  # noqa: E402
-from pomona.runtime import reexec_with_malloc_tuning  # noqa: E402
-from pomona.tune import tune  # noqa: E402
+from pomona.core.runtime import reexec_with_malloc_tuning  # noqa: E402
+from pomona.tuning.tune import tune  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery-apples"
 
@@ -80,7 +80,7 @@ def main() -> None:
     for r in rows:
         r["speedup"] = r["trials_per_hour"] / ref["trials_per_hour"]
         r["speedup_50"] = r["trials_per_hour_50"] / ref["trials_per_hour_50"]
-    from pomona.preprocessing import resolve_preprocessing
+    from pomona.data.preprocessing import resolve_preprocessing
 
     size = resolve_preprocessing(base.model.name, base.model.img_size).input_size
     print(f"\ngrocery-apples, frozen {base.model.name} @{size} px, {base.train.epochs} epochs per trial, "

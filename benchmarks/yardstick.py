@@ -37,10 +37,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import print_table  # noqa: E402
 
-from pomona.cv import assign_folds  # noqa: E402
-from pomona.groups import compute_grouping_features, group_table, near_duplicate_groups, split_clumped  # noqa: E402
-from pomona.index import index_folder  # noqa: E402
-from pomona.metrics import bootstrap_ci, macro_f1  # noqa: E402
+from pomona.data.groups import group_table, near_duplicate_groups, split_clumped  # noqa: E402
+from pomona.data.index import index_folder  # noqa: E402
+from pomona.models.metrics import bootstrap_ci, macro_f1  # noqa: E402
+from pomona.training.cv import assign_folds  # noqa: E402
+from pomona.training.grouping import compute_grouping_features  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

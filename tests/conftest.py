@@ -87,8 +87,8 @@ def apple_run(tmp_path_factory) -> Path:
     of these varieties, so serving tests can check the right variety is shown."""
     if not GROCERY.is_dir():
         pytest.skip("../shared/data/grocery-apples not present")
-    from pomona.export import export_run
-    from pomona.train import train_and_evaluate
+    from pomona.inference.export import export_run
+    from pomona.training.train import train_and_evaluate
 
     root = tmp_path_factory.mktemp("apple_run")
     cfg = tiny_config(epochs=4, lr=1e-2)

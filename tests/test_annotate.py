@@ -1,11 +1,11 @@
 """`pomona predict --save-dir`: each photo written again with its verdict and top-3 drawn in a band along the top
-(`pomona.annotate`), the rest of the photo untouched."""
+(`pomona.reporting.annotate`), the rest of the photo untouched."""
 
 import numpy as np
 from PIL import Image
 
-from pomona.annotate import MAX_SIDE, band_height, save_annotated
-from pomona.engine import Predictions
+from pomona.inference.engine import Predictions
+from pomona.reporting.annotate import MAX_SIDE, band_height, save_annotated
 
 CLASSES = ["Fuji", "Gala", "Granny-Smith"]
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pomona.balance import (BalanceError, balance_table, balance_training_fold, parse_mode, parse_operations,
-                            plan_balance)
-from pomona.cli import run
+from pomona.cli.commands import run
 from pomona.config import BalanceConfig
-from pomona.data import DataBundle
-from pomona.index import index_folder
-from pomona.train import create_weighted_sampler
+from pomona.data.balance import (BalanceError, balance_table, balance_training_fold, parse_mode, parse_operations,
+                                 plan_balance)
+from pomona.data.bundle import DataBundle
+from pomona.data.index import index_folder
+from pomona.training.loaders import create_weighted_sampler
 
 from conftest import GROCERY, tiny_config
 
@@ -203,8 +203,8 @@ def test_balance_and_preview_commands(synthetic, tmp_path, capsys):
 
 
 def test_ablate_smoke(grocery_small, tmp_path):
-    from pomona.ablate import AblationSettings, make_imbalanced, run_ablation
-    from pomona.data import prepare_data
+    from pomona.data.bundle import prepare_data
+    from pomona.tools.ablate import AblationSettings, make_imbalanced, run_ablation
 
     cfg = tiny_config()
     cfg.data.data_dir, cfg.data.val_fraction = str(grocery_small), 0.34

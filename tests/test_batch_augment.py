@@ -14,15 +14,15 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 
-from pomona.augment import CROP_RATIO, AugmentError, AugmentSpec, augment_spec, colour, flag
-from pomona.batch_augment import (DEVICE_UNSUPPORTED, BatchTransform, augment_batch, center_crop, sample_crops,
-                                  sampling_grid)
 from pomona.config import TrainConfig
-from pomona.datasets import DecodedImages, ImageStore
-from pomona.errors import PomonaError
-from pomona.images import image_size, load_image
-from pomona.preprocessing import Preprocessing, create_eval_transform, create_train_transform, normalization
-from pomona.train import train_and_evaluate
+from pomona.core.errors import PomonaError
+from pomona.data.augment import CROP_RATIO, AugmentError, AugmentSpec, augment_spec, colour, flag
+from pomona.data.batch_augment import (DEVICE_UNSUPPORTED, BatchTransform, augment_batch, center_crop, sample_crops,
+                                       sampling_grid)
+from pomona.data.images import image_size, load_image
+from pomona.data.preprocessing import Preprocessing, create_eval_transform, create_train_transform, normalization
+from pomona.training.datasets import DecodedImages, ImageStore
+from pomona.training.train import train_and_evaluate
 
 from conftest import GROCERY, tiny_config
 
@@ -64,7 +64,7 @@ def test_a_seed_gives_the_same_batch():
     b = transform.train(images, sizes, torch.Generator().manual_seed(3))
     c = transform.train(images, sizes, torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    torch.manual_seed(5)  # without a generator: the default one (what train.fit seeds every epoch)
+    torch.manual_seed(5)  # without a generator: the default one (what fit.fit seeds every epoch)
     d = transform.train(images, sizes)
     torch.manual_seed(5)
     assert torch.equal(d, transform.train(images, sizes))

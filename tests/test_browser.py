@@ -65,7 +65,7 @@ def _not_blank(shot) -> bool:
 
 @pytest.fixture(scope="module")
 def tiny_run(grocery_small, grocery_val_small, tmp_path_factory):
-    from pomona.cli import run
+    from pomona.cli.commands import run
 
     from test_pipeline import TINY
 
@@ -99,8 +99,8 @@ def test_report_opens_on_the_results_with_the_settings_collapsed(tiny_run, brows
 def test_annotated_prediction_shows_its_label(tiny_run, browser, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from pomona.annotate import band_height
-    from pomona.cli import run
+    from pomona.cli.commands import run
+    from pomona.reporting.annotate import band_height
 
     photo = held_out_photo("Granny-Smith")
     assert run(["predict", str(tiny_run), str(photo), "--save-dir", str(tmp_path / "drawn"), "--device", "cpu"]) == 0

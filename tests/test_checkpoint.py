@@ -1,5 +1,6 @@
-"""Run folders (`pomona.checkpoint`): ensembles of members with a temperature, old run folders, exports of an
-ensemble; the shared pieces beneath them: test-time views, atomic writes, progress lines."""
+"""Run folders (`pomona.inference.runfolder`, `pomona.inference.loaded`): ensembles of members with a temperature,
+old run folders, exports of an ensemble; the shared pieces beneath them: test-time views, atomic writes, progress
+lines."""
 
 import json
 
@@ -7,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from pomona.atomic import atomic_write, write_json
-from pomona.checkpoint import load_run, read_run_info, save_run
 from pomona.config import Config
-from pomona.model import create_model
-from pomona.preprocessing import Preprocessing
-from pomona.progress import Progress
-from pomona.tta import VIEWS, apply_view, average_probs
+from pomona.core.atomic import atomic_write, write_json
+from pomona.core.progress import Progress
+from pomona.data.preprocessing import Preprocessing
+from pomona.inference.loaded import load_run
+from pomona.inference.runfolder import read_run_info, save_run
+from pomona.models.model import create_model
+from pomona.models.tta import VIEWS, apply_view, average_probs
 
 CLASSES = ["a", "b", "c"]
 PRE = Preprocessing(48, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -62,7 +64,7 @@ def test_an_old_run_folder_loads_as_one_member(tmp_path):
 
 
 def test_an_ensemble_exports_to_onnx_with_its_probabilities(tmp_path):
-    from pomona.export import export_run
+    from pomona.inference.export import export_run
 
     save_run(tmp_path, _members(2), CLASSES, PRE, SETTINGS, Config().to_dict(), temperature=1.5)
     result = export_run(tmp_path, "onnx")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pomona.cli import COMMANDS, build_parser, main, parse, run
+from pomona.cli.commands import COMMANDS, build_parser, main, parse, run
 from pomona.config import Config, field_docs
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

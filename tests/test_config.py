@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pomona.cli import build_parser, parse
+from pomona.cli.commands import build_parser, parse
 from pomona.config import Config, merge, range_problems
 
 
@@ -49,7 +49,7 @@ def test_tta_takes_a_list_of_views_or_a_boolean_in_flags_and_files(tmp_path, cap
     listed = tmp_path / "views.yaml"
     listed.write_text("train:\n  tta: [identity, rot90]\n")
     assert tta(config=listed) == ["identity", "rot90"] and tta("--no-tta", config=listed) is False
-    from pomona.tta import views_for
+    from pomona.models.tta import views_for
 
     assert views_for(tta(config=listed)) == ("identity", "rot90")
     for argv in (["--tta", "identity,flop"], ["--tta", ","]):  # refused while the command line is read

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pomona.checkpoint import load_run
-from pomona.cli import run
-from pomona.metrics import apply_temperature, expected_calibration_error, fit_temperature
-from pomona.selftrain import index_unlabeled, select_pseudo_labels
+from pomona.cli.commands import run
+from pomona.inference.loaded import load_run
+from pomona.models.metrics import apply_temperature, expected_calibration_error, fit_temperature
+from pomona.training.selftrain import index_unlabeled, select_pseudo_labels
 
 from conftest import GROCERY, _link_subset
 
@@ -110,7 +110,7 @@ def test_evaluate_measures_the_ensembles_own_calibration(folds_run, tmp_path):
 
 
 def test_cross_fitted_temperature_never_sees_the_photos_it_scores(monkeypatch):
-    import pomona.cv as cv
+    import pomona.training.cv as cv
 
     rng = np.random.default_rng(0)
     n, folds, repeats = 30, 3, 2
@@ -131,8 +131,8 @@ def test_cross_fitted_temperature_never_sees_the_photos_it_scores(monkeypatch):
 
 
 def test_folds_keep_whole_groups_together(grocery_small, tmp_path):
-    from pomona.cv import assign_folds
-    from pomona.index import index_folder
+    from pomona.data.index import index_folder
+    from pomona.training.cv import assign_folds
 
     table = index_folder(grocery_small)
     table["group"] = table["label"] + "/" + (table.index % 3).astype(str)  # 3 groups of 2 per class
@@ -174,8 +174,8 @@ def test_temperature_fit_recovers_overconfidence_and_lowers_ece():
 
 
 def test_answers_below_the_confidence_threshold_say_not_sure():
-    from pomona.engine import Predictions
-    from pomona.predict import format_predictions, predictions_json
+    from pomona.inference.engine import Predictions
+    from pomona.inference.predict import format_predictions, predictions_json
 
     preds = Predictions(["a.jpg", "b.jpg", "c.jpg"], np.array([[0.9, 0.05, 0.05], [0.45, 0.4, 0.15],
                                                               [np.nan] * 3]), CLASSES, {"c.jpg": "not an image"})

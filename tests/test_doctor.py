@@ -1,7 +1,7 @@
 """`pomona doctor` and `pomona suggest` on real grocery photos with planted faults: a flipped label is among the top
 suspects, a resized and re-compressed copy of a training photo in the test folder is a test leak, a darkened and
 a blurred photo are flagged (and no real photo is), the blocked neighbour search gives the groups of
-`pomona.groups`; suggest picks n photos from n different near-duplicate groups. The page's screenshot is taken in
+`pomona.data.groups`; suggest picks n photos from n different near-duplicate groups. The page's screenshot is taken in
 Chromium."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def planted(tmp_path_factory):
     training photo, and `pomona doctor` run once on them."""
     if not GROCERY.is_dir():
         pytest.skip("../shared/data/grocery-apples not present")
-    from pomona.cli import run
+    from pomona.cli.commands import run
 
     root = tmp_path_factory.mktemp("doctor")
     train, test = root / "train", root / "test"
@@ -114,8 +114,8 @@ def test_the_files_agree(planted):
 def test_the_groups_are_those_of_pomona_groups_and_the_neighbours_are_blocked(planted):
     from pathlib import Path
 
-    from pomona.doctor_checks import neighbours
-    from pomona.groups import capture_times, cosine_distances, near_duplicate_groups, nearest_distances
+    from pomona.curation.doctor_checks import neighbours
+    from pomona.data.groups import capture_times, cosine_distances, near_duplicate_groups, nearest_distances
 
     groups = pd.read_csv(planted["out"] / "groups.csv")
     data = (groups["set"] == "data").to_numpy()
@@ -132,8 +132,8 @@ def test_the_groups_are_those_of_pomona_groups_and_the_neighbours_are_blocked(pl
 
 
 def test_a_cross_validation_run_s_out_of_fold_probabilities_rank_the_suspects(planted, tmp_path):
-    from pomona.doctor import doctor
-    from pomona.index import index_folder
+    from pomona.curation.doctor import doctor
+    from pomona.data.index import index_folder
 
     table = index_folder(planted["train"])
     classes = sorted(set(table["label"]))
@@ -151,7 +151,7 @@ def test_a_cross_validation_run_s_out_of_fold_probabilities_rank_the_suspects(pl
 
 
 def test_a_missing_package_is_one_line_with_the_pip_command(tmp_path, monkeypatch, capsys):
-    from pomona.cli import run
+    from pomona.cli.commands import run
 
     monkeypatch.setitem(sys.modules, "cleanlab", None)
     assert run(["doctor", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
@@ -180,7 +180,7 @@ def test_the_page_shows_the_duplicate_pairs_side_by_side(planted, browser):  # n
 
 # ---------------------------------------------------------------------------------------------- suggest
 def test_choose_next_takes_one_photo_per_group_most_uncertain_first():
-    from pomona.suggest import choose_next, uncertainty
+    from pomona.curation.suggest import choose_next, uncertainty
 
     rng = np.random.default_rng(0)
     centres = np.eye(12, 32)  # 12 shelves, 8 shots of the first
@@ -197,8 +197,8 @@ def test_choose_next_takes_one_photo_per_group_most_uncertain_first():
 
 
 def test_suggest_picks_n_photos_of_n_groups(apple_run, tmp_path):
-    from pomona.cli import run
-    from pomona.suggest import suggest
+    from pomona.cli.commands import run
+    from pomona.curation.suggest import suggest
 
     pool = tmp_path / "pool"
     pool.mkdir()

@@ -8,11 +8,12 @@ import shutil
 import numpy as np
 import pytest
 
-import pomona.checkpoint as checkpoint
-from pomona.checkpoint import choose_engine, load_run, parity_passes, sha256_file
-from pomona.cli import run
-from pomona.engine import EngineError
-from pomona.export import export_run
+import pomona.inference.loaded as loading
+from pomona.cli.commands import run
+from pomona.inference.engine import EngineError
+from pomona.inference.export import export_run
+from pomona.inference.loaded import choose_engine, load_run, parity_passes
+from pomona.inference.runfolder import sha256_file
 
 from conftest import GROCERY, SERVE_CLASSES, _link_subset, held_out_photo
 
@@ -43,7 +44,7 @@ def _measured_parity(run_dir, engine: str, folder) -> dict:
     low-precision engine's, one view, on every photo of `folder`."""
     from sklearn.metrics import f1_score
 
-    from pomona.index import index_folder
+    from pomona.data.index import index_folder
 
     table = index_folder(folder)
     fp32 = load_run(run_dir, engine="torch", tta=False).predict(list(table["path"])).probs
@@ -63,8 +64,8 @@ def _check_recorded_parity(entry: dict, measured: dict) -> None:
     assert parity["top1_agreement"] == pytest.approx(measured["top1_agreement"], abs=1e-9)
     for key in ("macro_f1_fp32", "macro_f1"):
         assert parity[key] == pytest.approx(measured[key], abs=1e-9)
-    gate = measured["top1_agreement"] >= checkpoint.PARITY_MIN_TOP1_AGREEMENT and \
-        abs(measured["macro_f1"] - measured["macro_f1_fp32"]) <= checkpoint.PARITY_MAX_MACRO_F1_DIFF
+    gate = measured["top1_agreement"] >= loading.PARITY_MIN_TOP1_AGREEMENT and \
+        abs(measured["macro_f1"] - measured["macro_f1_fp32"]) <= loading.PARITY_MAX_MACRO_F1_DIFF
     assert entry["passed"] is gate
     assert "fewer than 200" in parity["warning"]  # 24 photos: measured, with a warning
 
@@ -90,7 +91,7 @@ def test_int8_export_records_parity_and_predicts_like_fp32(low_precision_run, pa
 def test_bf16_export_records_parity(low_precision_run, parity_photos, monkeypatch):
     entry = json.loads((low_precision_run / "export.json").read_text())["torch-bf16"]
     assert entry["path"] == "" and "cpu_bf16_native" in entry["details"]
-    monkeypatch.setattr(checkpoint, "cpu_supports_bf16", lambda: True)  # bfloat16 autocast runs (emulated) anyway
+    monkeypatch.setattr(loading, "cpu_supports_bf16", lambda: True)  # bfloat16 autocast runs (emulated) anyway
     _check_recorded_parity(entry, _measured_parity(low_precision_run, "torch-bf16", parity_photos))
 
 
@@ -135,7 +136,7 @@ def _set_parity(run_dir, fmt: str, **values) -> None:
 def test_auto_uses_a_low_precision_engine_only_when_its_parity_passes(low_precision_run, tmp_path, monkeypatch):
     copy = tmp_path / "run"
     shutil.copytree(low_precision_run, copy)
-    monkeypatch.setattr(checkpoint, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(loading, "cpu_supports_bf16", lambda: True)
     _set_parity(copy, "onnx-int8", top1_agreement=1.0, macro_f1_diff=0.0)
     _set_parity(copy, "torch-bf16", top1_agreement=1.0, macro_f1_diff=0.0)
     assert choose_engine(copy) == "onnx-int8"
@@ -147,7 +148,7 @@ def test_auto_uses_a_low_precision_engine_only_when_its_parity_passes(low_precis
     loaded = load_run(copy)
     assert loaded.engine_name == "onnx" and loaded._onnx.path.name == "model.onnx"
     _set_parity(copy, "torch-bf16", macro_f1_diff=0.004)
-    monkeypatch.setattr(checkpoint, "cpu_supports_bf16", lambda: False)  # a CPU without native bfloat16
+    monkeypatch.setattr(loading, "cpu_supports_bf16", lambda: False)  # a CPU without native bfloat16
     assert choose_engine(copy) == "onnx"
     with pytest.raises(EngineError, match="bfloat16"):
         choose_engine(copy, "torch-bf16")
@@ -182,7 +183,7 @@ def test_predict_and_serve_settings_take_the_new_engines(low_precision_run, caps
                 "--format", "json"]) == 0
     records = json.loads(capsys.readouterr().out)
     assert [r["label"] for r in records] == [p.parent.name for p in _photos()]
-    from pomona.engine import cpu_supports_bf16
+    from pomona.inference.engine import cpu_supports_bf16
 
     code = run(["predict", str(low_precision_run), str(_photos()[0]), "--engine", "torch-bf16"])
     assert code == (0 if cpu_supports_bf16() else 2)

@@ -9,12 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pomona.checkpoint import choose_engine, load_run, sha256_file
-from pomona.cli import run
-from pomona.engine import EngineError, OnnxEngine, iter_batches
-from pomona.export import ExportError, export_run
-from pomona.images import load_image
-from pomona.preprocessing import Preprocessing, create_eval_transform_np
+from pomona.cli.commands import run
+from pomona.data.images import load_image
+from pomona.data.preprocessing import Preprocessing, create_eval_transform_np
+from pomona.inference.engine import EngineError, OnnxEngine, iter_batches
+from pomona.inference.export import ExportError, export_run
+from pomona.inference.loaded import choose_engine, load_run
+from pomona.inference.runfolder import sha256_file
 
 from conftest import GROCERY, SERVE_CLASSES, held_out_photo
 
@@ -59,7 +60,7 @@ def test_torchscript_export_to_other_folder(apple_run, tmp_path, capsys):
 
 
 def test_export_refuses_an_export_that_disagrees(apple_run, tmp_path, monkeypatch):
-    import pomona.export as export_module
+    import pomona.inference.export as export_module
 
     real_export = export_module.export_onnx
 

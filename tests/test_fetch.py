@@ -9,7 +9,7 @@ import zipfile
 import pytest
 from PIL import Image
 
-from pomona.fetch import FetchError, fetch_dataset
+from pomona.tools.fetch import FetchError, fetch_dataset
 
 PREFIX = "GroceryStoreDataset-abc/dataset"
 

@@ -22,10 +22,12 @@ import pytest
 import torch
 from torch import nn
 
-from pomona.augment import AugmentError, AugmentSpec
 from pomona.config import TrainConfig
-from pomona.model import create_model
-from pomona.train import create_optimizer, train_and_evaluate, train_one_epoch
+from pomona.data.augment import AugmentError, AugmentSpec
+from pomona.models.model import create_model
+from pomona.training.optim import create_optimizer
+from pomona.training.steps import train_one_epoch
+from pomona.training.train import train_and_evaluate
 
 from conftest import tiny_config
 from test_batch_augment import PLAIN, check_field, device_path

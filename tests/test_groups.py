@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pomona.groups import (capture_times, check_unlabeled_against_test, choose_threshold, cosine_distances,
-                           cross_set_duplicates, name_templates, near_duplicate_groups, split_clumped)
+from pomona.data.groups import (capture_times, choose_threshold, cosine_distances, cross_set_duplicates, name_templates,
+                                near_duplicate_groups, split_clumped)
+from pomona.training.grouping import check_unlabeled_against_test
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -108,8 +109,9 @@ def test_auto_groups_recover_the_filming_passes_of_fruits360_frames():
     and no pass is spread over two folds."""
     from sklearn.metrics import adjusted_rand_score
 
-    from pomona.cv import assign_folds
-    from pomona.groups import compute_grouping_features, group_table
+    from pomona.data.groups import group_table
+    from pomona.training.cv import assign_folds
+    from pomona.training.grouping import compute_grouping_features
 
     table = _fruits_frames(["Apple 10", "Apple 11", "Apple Golden 1", "Apple Red Yellow 2"], every=8)
     grouped, grouping = group_table(table, compute_grouping_features(list(table["path"])), needed=2)
@@ -119,7 +121,7 @@ def test_auto_groups_recover_the_filming_passes_of_fruits360_frames():
 
 
 def test_unlabelled_near_duplicates_of_test_photos_are_refused(tmp_path):
-    from pomona.errors import PomonaError
+    from pomona.core.errors import PomonaError
 
     val = SHARED / "grocery-apples" / "val"
     test = pd.DataFrame([(str(p), p.parent.name) for c in ("Granny-Smith", "Royal-Gala")
@@ -138,8 +140,8 @@ def test_unlabelled_near_duplicates_of_test_photos_are_refused(tmp_path):
 
 def test_the_report_shows_the_groups_with_example_thumbnails(tmp_path):
     from pomona.config import Config
-    from pomona.groups import describe_given_groups, write_groups
-    from pomona.report import build_report
+    from pomona.data.groups import describe_given_groups, write_groups
+    from pomona.reporting.report import build_report
 
     photos = sorted((SHARED / "grocery-apples" / "train" / "Granny-Smith").glob("*.jpg"))[:6]
     table = pd.DataFrame({"path": [str(p) for p in photos], "label": "Granny-Smith",

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from pomona.cli import run
+from pomona.cli.commands import run
 
 TINY = ["--model", "test_efficientnet", "--weights", "none", "--img-size", "64", "--out-features", "16",
         "--epochs", "2", "--batch-size", "8", "--warmup-epochs", "0", "--device", "cpu", "--head-init", "random"]
@@ -52,7 +52,7 @@ def test_test_data_that_overlaps_training_is_refused(grocery_small, tmp_path, ca
 
 
 def test_macro_f1_averages_over_the_classes_with_photos_and_says_so():
-    from pomona.metrics import compute_metrics, format_metrics, macro_f1
+    from pomona.models.metrics import compute_metrics, format_metrics, macro_f1
 
     classes = ["Fuji", "Gala", "Jazz"]
     y_true = [0, 0, 0, 1, 1, 1]  # no photo of Jazz here

@@ -5,8 +5,8 @@ import torch
 import pytest
 from PIL import Image
 
-from pomona.datasets import DecodedImages, Preprocessing
-from pomona.images import BadImageError, load_image
+from pomona.data.images import BadImageError, load_image
+from pomona.training.datasets import DecodedImages, Preprocessing
 
 PRE = Preprocessing(input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
 

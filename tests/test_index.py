@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pomona.index import DataLayoutError, assign_groups, index_csv, index_folder
+from pomona.data.index import DataLayoutError, assign_groups, index_csv, index_folder
 
 
 def _img(path: Path) -> Path:

@@ -1,5 +1,5 @@
 """Memory (issue 21, point 2; measured by benchmarks/memory.py): the allocator the re-exec puts in force
-(pomona.runtime), and running the model on slices of a batch, in training (train.backward_in_slices: the whole
+(pomona.core.runtime), and running the model on slices of a batch, in training (steps.backward_in_slices: the whole
 batch's loss and gradients) and inference (model.forward_in_slices: the same outputs), which holds one slice's
 activations instead of the batch's."""
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from pomona import runtime
 from pomona.config import TrainConfig
-from pomona.model import forward_in_slices
-from pomona.train import backward_in_slices, micro_batch_size
+from pomona.core import runtime
+from pomona.models.model import forward_in_slices
+from pomona.training.steps import backward_in_slices, micro_batch_size
 
 
 def reexec_environments(monkeypatch, environ: dict, tcmalloc: str | None) -> list[dict]:

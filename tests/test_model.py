@@ -2,9 +2,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pomona.preprocessing import create_eval_transform, create_resize, resolve_preprocessing
-from pomona.model import (Head, WeightsError, convert_lite_state_dict, create_backbone, create_model,
-                          packaged_weights_file, read_state_dict)
+from pomona.data.preprocessing import create_eval_transform, create_resize, resolve_preprocessing
+from pomona.models.model import (Head, WeightsError, convert_lite_state_dict, create_backbone, create_model,
+                                 packaged_weights_file, read_state_dict)
 
 from conftest import GROCERY, requires_grocery
 
@@ -70,8 +70,8 @@ def test_weights_from_file_round_trip(tmp_path):
 def test_offline_a_model_without_packaged_weights_fails_at_once_with_the_fix(monkeypatch, tmp_path):
     import time
 
-    import pomona.model as model
-    from pomona.cli import run
+    import pomona.models.model as model
+    from pomona.cli.commands import run
 
     monkeypatch.setattr(model, "hub_reachable", lambda timeout=3.0: False)
     start = time.perf_counter()

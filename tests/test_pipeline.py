@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pomona.cli import run
-from pomona.train import train_and_evaluate
+from pomona.cli.commands import run
+from pomona.training.train import train_and_evaluate
 
 from conftest import tiny_config
 
@@ -120,7 +120,7 @@ def test_resume_matches_uninterrupted_run(grocery_small, tmp_path):
 
 
 def test_predict_keeps_order_and_reports_unreadable_photos(grocery_small, tmp_path):
-    from pomona.checkpoint import load_run
+    from pomona.inference.loaded import load_run
 
     cfg = tiny_config()
     cfg.data.data_dir, cfg.data.val_fraction = str(grocery_small), 0.34

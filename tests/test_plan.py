@@ -4,8 +4,8 @@ import pandas as pd
 import torch
 
 from pomona.config import Config
-from pomona.data import DataBundle
-from pomona.plan import EtaAfterFirstBatches, describe_plan, minutes_text
+from pomona.data.bundle import DataBundle
+from pomona.training.plan import EtaAfterFirstBatches, describe_plan, minutes_text
 
 
 def _bundle(counts: dict[str, tuple[int, int]], groups_of: int = 1) -> DataBundle:

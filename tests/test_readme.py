@@ -1,5 +1,5 @@
 """The documentation's commands are real: every `pomona SUB --flag` in a ```bash block (or an inline `pomona ...`
-span) of README.md and docs/*.md names a subcommand and flags that the live parser (`pomona.cli.build_parser`)
+span) of README.md and docs/*.md names a subcommand and flags that the live parser (`pomona.cli.commands.build_parser`)
 accepts, so a renamed or removed flag fails here rather than in a reader's shell. And every page linked from the
 README exists."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pomona.cli import build_parser
+from pomona.cli.commands import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -9,13 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pomona.checkpoint import PROBE_WEIGHTS
 from pomona.config import TrainConfig
-from pomona.datasets import DecodedImages
-from pomona.model import create_model
-from pomona.augment import AugmentSpec, augment_spec
-from pomona.preprocessing import ColourAugment, Preprocessing, create_eval_transform, create_train_transform
-from pomona.train import train_and_evaluate, train_one_epoch
+from pomona.data.augment import AugmentSpec, augment_spec
+from pomona.data.preprocessing import ColourAugment, Preprocessing, create_eval_transform, create_train_transform
+from pomona.inference.runfolder import PROBE_WEIGHTS
+from pomona.models.model import create_model
+from pomona.training.datasets import DecodedImages
+from pomona.training.steps import train_one_epoch
+from pomona.training.train import train_and_evaluate
 
 from conftest import tiny_config
 

@@ -6,8 +6,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from pomona.cli import run
-from pomona.report import build_report
+from pomona.cli.commands import run
+from pomona.reporting.report import build_report
 
 from test_pipeline import TINY
 
@@ -78,7 +78,7 @@ def test_report_marks_epochs_shows_na_classes_and_tuning_plots(tmp_path):
     from PIL import Image
 
     from pomona.config import Config
-    from pomona.metrics import compute_metrics
+    from pomona.models.metrics import compute_metrics
 
     run_dir = tmp_path / "run"
     (run_dir / "eval").mkdir(parents=True)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pomona.checkpoint import load_run
-from pomona.datasets import DecodedImages
-from pomona.images import BadImageError, load_image
-from pomona.preprocessing import Preprocessing, create_eval_transform_np
+from pomona.data.images import BadImageError, load_image
+from pomona.data.preprocessing import Preprocessing, create_eval_transform_np
+from pomona.inference.loaded import load_run
+from pomona.training.datasets import DecodedImages
 
 from conftest import GROCERY, SERVE_CLASSES, held_out_photo, requires_grocery
 
@@ -95,7 +95,7 @@ def test_ordinary_photos_give_the_same_input_and_large_ones_the_same_prediction(
 def _peak_mb_of_decode(path: Path, target: int | None) -> float:
     """Peak RSS growth (MB) of one decode, in a fresh process."""
     code = textwrap.dedent(f"""
-        from pomona.images import load_image
+        from pomona.data.images import load_image
         def peak():  # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's over exec)
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
         before = peak()

@@ -20,10 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pomona.checkpoint import RunFolderError, load_run, load_training_state, sha256_file
-from pomona.cli import COMMANDS, Command, run
+from pomona.cli.commands import COMMANDS, Command, run
 from pomona.config import Config, ReportCommand
-from pomona.train import train_and_evaluate
+from pomona.inference.loaded import load_run
+from pomona.inference.runfolder import RunFolderError, load_training_state, sha256_file
+from pomona.training.train import train_and_evaluate
 
 from conftest import GROCERY, held_out_photo, tiny_config
 
@@ -85,11 +86,11 @@ def test_a_planted_pickle_in_last_pt_is_refused_and_never_run(tiny_run, tmp_path
 
 
 def test_every_torch_load_in_the_package_is_weights_only():
-    calls = [(p.name, line.strip()) for p in SRC.joinpath("pomona").glob("*.py")
+    calls = [(p.name, line.strip()) for p in SRC.joinpath("pomona").rglob("*.py")
              for line in p.read_text().splitlines() if re.search(r"torch\.load\(", line)
              and not line.strip().startswith(("#", '"', "`"))]
     assert calls and all("weights_only=True" in line for _, line in calls), calls
-    assert not any("pickle.load" in p.read_text() for p in SRC.joinpath("pomona").glob("*.py"))
+    assert not any("pickle.load" in p.read_text() for p in SRC.joinpath("pomona").rglob("*.py"))
 
 
 # ------------------------------------------------------------------------ 4. an existing run is never replaced
@@ -160,7 +161,7 @@ def test_resume_keeps_the_saved_settings_and_names_conflicting_flags(tiny_run, t
 # ------------------------------------------------------------------------------- 5. atomic run files
 WRITER = """
 import sys
-from pomona.atomic import write_json
+from pomona.core.atomic import write_json
 path, n = sys.argv[1], 0
 big = {"classes": ["a", "b"], "padding": "x" * 4_000_000}
 print("ready", flush=True)

@@ -16,7 +16,7 @@ import pytest
 import requests
 from PIL import Image
 
-from pomona.serve import RequestGate, ServerBusy, guarded_protocol
+from pomona.serving.serve import RequestGate, ServerBusy, guarded_protocol
 
 from conftest import SERVE_CLASSES, held_out_photo, serving
 

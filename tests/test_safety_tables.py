@@ -6,8 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pomona.index import DataLayoutError, check_readable_classes, index_csv, index_folder
-from pomona.train import train_and_evaluate
+from pomona.data.index import DataLayoutError, check_readable_classes, index_csv, index_folder
+from pomona.training.train import train_and_evaluate
 
 from conftest import GROCERY, requires_grocery, tiny_config
 

@@ -10,9 +10,9 @@ import requests
 import torch
 from PIL import Image
 
-from pomona.cli import run
-from pomona.explain import grad_cam
-from pomona.model import AppleNet
+from pomona.cli.commands import run
+from pomona.models.model import AppleNet
+from pomona.reporting.explain import grad_cam
 
 from conftest import SERVE_CLASSES, SERVER_LIMITS, held_out_photo
 
@@ -117,9 +117,9 @@ def test_explain_cli_writes_a_png(apple_run, tmp_path, capsys):
 
 
 def test_explain_agrees_with_predict_and_draws_a_legend(apple_run, tmp_path, capsys):
-    from pomona.checkpoint import load_run
-    from pomona.explain import explain_image, render_overlay
-    from pomona.images import load_image
+    from pomona.data.images import load_image
+    from pomona.inference.loaded import load_run
+    from pomona.reporting.explain import explain_image, render_overlay
 
     for i, photo in enumerate([held_out_photo(c, i) for c in SERVE_CLASSES for i in range(2)]):
         capsys.readouterr()

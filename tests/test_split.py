@@ -1,10 +1,10 @@
 import pandas as pd
 import pytest
 
-from pomona.data import prepare_data
 from pomona.config import DataConfig
-from pomona.index import assign_groups
-from pomona.split import split_train_val
+from pomona.data.bundle import prepare_data
+from pomona.data.index import assign_groups
+from pomona.data.split import split_train_val
 
 
 def _table(n_classes=3, passes=("r0_", "r1_", "r2_"), frames=20):

@@ -14,11 +14,11 @@ import optuna
 import pytest
 import pandas as pd
 
-from pomona.cli import run
+from pomona.cli.commands import run
 from pomona.config import load_search_space
-from pomona.data import prepare_data
-from pomona.features import prepare_features
-from pomona.tune import Objective
+from pomona.data.bundle import prepare_data
+from pomona.training.features import prepare_features
+from pomona.tuning.tune import Objective
 
 from conftest import tiny_config
 
@@ -52,7 +52,7 @@ def test_fast_path_gives_the_full_path_f1_for_the_same_head_settings(grocery_sma
     the per-epoch losses and macro-F1 of running the backbone every epoch -- with several batches per epoch, an
     imbalanced training fold, Augmentor balancing (its images are more feature rows), the class-weighted loss and
     the weighted sampler, none of which the fast path may drop."""
-    from pomona.ablate import make_imbalanced
+    from pomona.tools.ablate import make_imbalanced
 
     cfg = tiny_config(epochs=3, augment=False, patience=0, batch_size=3, class_weighted_loss=True,
                       weighted_sampler=True)
@@ -105,7 +105,7 @@ def test_wandb_offline_runs_are_read_back_and_best_trial_retrains(grocery_small,
     page = (out / "report.html").read_text()  # the tuning folder's report shows Optuna's plots
     assert 'id="tuning"' in page and "optimization history" in page and f"Best trial {best['best_trial']}" in page
 
-    from pomona.tracking import read_wandb_run
+    from pomona.tuning.tracking import read_wandb_run
 
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
@@ -196,7 +196,7 @@ def test_a_worker_killed_right_after_claiming_a_trial_does_not_block_the_study(t
     import threading
 
     from pomona.config import Config, TuneConfig
-    from pomona.study import claim_trial, create_storage, open_study, run_worker
+    from pomona.tuning.study import claim_trial, create_storage, open_study, run_worker
 
     tcfg = TuneConfig(trials=2, storage=f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1)
     storage = create_storage(tcfg.storage, tcfg.heartbeat)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pomona.cli import COMMANDS, build_parser, parse, run
+from pomona.cli.commands import COMMANDS, build_parser, parse, run
 from pomona.config import BOUNDS, Config, out_of_range
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -191,7 +191,7 @@ class FakeRun:
     def predict(self, paths):
         import numpy as np
 
-        from pomona.engine import Predictions
+        from pomona.inference.engine import Predictions
 
         paths = [str(p) for p in paths]
         probs = np.array([[np.nan, np.nan] if p in self.unreadable else [0.9, 0.1] for p in paths])
@@ -206,16 +206,16 @@ def _photos(root: Path) -> list[str]:
 
 
 def test_predict_a_folder_given_as_an_argument(tmp_path, monkeypatch, capsys):
-    import pomona.checkpoint
+    import pomona.inference.loaded
 
     photos = _photos(tmp_path / "photos")
-    monkeypatch.setattr(pomona.checkpoint, "load_run", lambda *a, **k: FakeRun())
+    monkeypatch.setattr(pomona.inference.loaded, "load_run", lambda *a, **k: FakeRun())
     assert run(["predict", str(tmp_path / "run"), str(tmp_path / "photos"), "--format", "json"]) == 0
     assert [r["path"] for r in json.loads(capsys.readouterr().out)] == photos  # recursive, images only
 
 
 def test_predicting_nothing_usable_is_an_error(tmp_path, monkeypatch, capsys):
-    import pomona.checkpoint
+    import pomona.inference.loaded
 
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "notes.txt").write_text("no photo")
@@ -224,13 +224,13 @@ def test_predicting_nothing_usable_is_an_error(tmp_path, monkeypatch, capsys):
     assert err.startswith(f"pomona predict: error: no photos in {tmp_path / 'docs'}") and len(err.splitlines()) == 1
 
     photos = _photos(tmp_path / "photos")
-    monkeypatch.setattr(pomona.checkpoint, "load_run", lambda *a, **k: FakeRun(unreadable=photos))
+    monkeypatch.setattr(pomona.inference.loaded, "load_run", lambda *a, **k: FakeRun(unreadable=photos))
     out = tmp_path / "predictions.csv"
     assert run(["predict", str(tmp_path / "run"), *photos, "--out", str(out)]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("pomona predict: error: none of the 2 file(s) could be read as a photo")
     assert len(captured.err.splitlines()) == 1 and not out.exists()
-    monkeypatch.setattr(pomona.checkpoint, "load_run", lambda *a, **k: FakeRun(unreadable=photos[:1]))
+    monkeypatch.setattr(pomona.inference.loaded, "load_run", lambda *a, **k: FakeRun(unreadable=photos[:1]))
     assert run(["predict", str(tmp_path / "run"), *photos]) == 0  # one usable prediction is a result
 
 
@@ -259,7 +259,7 @@ def test_a_missing_run_folder_is_not_found_and_an_empty_one_is_not_a_run(tmp_pat
 
 
 def test_the_missing_extra_hint_works_from_a_clone_too():
-    from pomona.errors import missing_extra
+    from pomona.core.errors import missing_extra
 
     assert str(missing_extra("uvicorn", "pomona serve")).endswith(
         "pip install 'pomona[serve]'  (from a clone: pip install -e '.[serve]')")
@@ -307,9 +307,9 @@ def test_commands_without_brief_help_list_everything(capsys):
 
 
 def test_size_presets_set_the_model_and_refuse_a_conflicting_choice(tmp_path, capsys):
-    from pomona.cli import run
+    from pomona.cli.commands import run
     from pomona.config import MODEL_PRESETS, Config, apply_size
-    from pomona.errors import UsageError
+    from pomona.core.errors import UsageError
 
     for size, (name, img) in MODEL_PRESETS.items():
         cfg = apply_size(Config(), size)

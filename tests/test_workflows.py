@@ -5,7 +5,7 @@ import json
 
 import pandas as pd
 
-from pomona.cli import run
+from pomona.cli.commands import run
 from pomona.workflows import train_run
 
 from conftest import tiny_config

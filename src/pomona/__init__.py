@@ -4,7 +4,7 @@
     run = load_run("runs/g1")
     run.predict(["a.jpg"]).top_k(3)
 
-`import pomona` is cheap; `from pomona import load_run` (from `pomona.checkpoint`) imports PyTorch, which takes
+`import pomona` is cheap; `from pomona import load_run` (from `pomona.inference.loaded`) imports PyTorch, which takes
 a few seconds (about 5 s on 2 busy cores).
 """
 
@@ -14,7 +14,7 @@ __all__ = ["__version__", "load_run"]
 
 def __getattr__(name: str):
     if name == "load_run":
-        from .checkpoint import load_run
+        from .inference.loaded import load_run
 
         return load_run
     raise AttributeError(f"module 'pomona' has no attribute {name!r}")

@@ -23,15 +23,15 @@ from pathlib import Path
 from typing import Mapping
 
 from .config import Config, ScoringConfig, TuneConfig
-from .errors import UsageError
+from .core.errors import UsageError
 
 
 def check_test_data(cfg: Config) -> None:
     """--test-data must hold new photos: none of --data or --val-data (checked before anything is trained)."""
     if not cfg.data.test_data:
         return
-    from .data import index_data
-    from .index import index_folder
+    from .data.bundle import index_data
+    from .data.index import index_folder
 
     seen = {str(Path(p).resolve()) for p in index_data(cfg.data)["path"]}
     if cfg.data.val_data:
@@ -41,8 +41,8 @@ def check_test_data(cfg: Config) -> None:
         raise UsageError(f"--test-data holds {len(overlap)} photo(s) of --data/--val-data, e.g. {overlap[0]}: a test "
                          "set must be new photos")
     if cfg.data.unlabeled:
-        from .groups import check_unlabeled_against_test
-        from .selftrain import index_unlabeled
+        from .training.grouping import check_unlabeled_against_test
+        from .training.selftrain import index_unlabeled
 
         test = index_folder(cfg.data.test_data)
         check_unlabeled_against_test(test, index_unlabeled(cfg.data.unlabeled, test["path"][:0]), cfg.device,
@@ -59,14 +59,14 @@ def train_run(cfg: Config, run_dir: str | Path, overwrite: bool = False, resume:
     run_dir = Path(run_dir)
     env = env or {}
     if not resume:
-        from .checkpoint import check_new_run_folder
+        from .inference.runfolder import check_new_run_folder
 
         check_new_run_folder(run_dir, overwrite)  # at once, before any photo is read
     check_test_data(cfg)
     if folds:
         return _train_folds(cfg, run_dir, folds, repeats, overwrite, resume, env)
-    from .distributed import init_distributed, shutdown_distributed
-    from .train import train_and_evaluate
+    from .training.distributed import init_distributed, shutdown_distributed
+    from .training.train import train_and_evaluate
 
     dist = init_distributed(env, cfg.device)  # several processes when started by torchrun
     try:
@@ -93,10 +93,10 @@ def train_run(cfg: Config, run_dir: str | Path, overwrite: bool = False, resume:
 def _self_train(cfg: Config, run_dir: Path, dist, overwrite: bool):
     """`train --unlabeled DIR` without folds: a teacher, then students on the confident pseudo-labels (the last
     one into RUN_FOLDER itself, beside teacher/)."""
-    from .checkpoint import clear_run_folder
-    from .groups import prepare_run_data
-    from .selftrain import index_unlabeled, self_train
-    from .train import train_and_evaluate
+    from .inference.runfolder import clear_run_folder
+    from .training.grouping import prepare_run_data
+    from .training.selftrain import index_unlabeled, self_train
+    from .training.train import train_and_evaluate
 
     if dist.enabled:
         raise UsageError("--unlabeled runs in one process (not under torchrun)")
@@ -112,16 +112,16 @@ def _self_train(cfg: Config, run_dir: Path, dist, overwrite: bool):
 def _train_folds(cfg: Config, run_dir: Path, folds: int, repeats: int, overwrite: bool, resume: bool,
                  env: Mapping[str, str]):
     """`train --folds K`: cross-validation, out-of-fold scores and the fold models' ensemble."""
-    from .cv import train_folds
-    from .metrics import format_metrics
-    from .report import build_report
+    from .models.metrics import format_metrics
+    from .reporting.report import build_report
+    from .training.cv import train_folds
 
     if resume:
         raise UsageError("--resume continues one model's training; a --folds run is not resumable (run it again)")
     if "LOCAL_RANK" in env:
         raise UsageError("--folds runs in one process (not under torchrun)")
     if overwrite:
-        from .checkpoint import clear_run_folder
+        from .inference.runfolder import clear_run_folder
 
         clear_run_folder(run_dir)
     if cfg.data.test_fraction:
@@ -155,10 +155,10 @@ def evaluate_run(run_dir: str | Path, table=None, out: str | Path | None = None,
     the photos' source, named in the report's title). metrics.json says what the photos were (`scored_on`) and
     whether any choice of the run looked at them (`selected_on`: 'val' when the run kept its best epoch by these
     validation photos, else null). Returns the metrics."""
-    from .checkpoint import load_run
-    from .metrics import format_metrics, write_metrics
-    from .predict import score_table
-    from .report import build_report
+    from .inference.loaded import load_run
+    from .inference.predict import score_table
+    from .models.metrics import format_metrics, write_metrics
+    from .reporting.report import build_report
 
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "eval"
@@ -166,7 +166,7 @@ def evaluate_run(run_dir: str | Path, table=None, out: str | Path | None = None,
     run = load_run(run_dir, s.device, s.engine, s.tta, s.threads, s.batch_size)
     selected_on = None
     if table is None:
-        from .data import load_split
+        from .data.bundle import load_split
 
         table = load_split(run_dir / "split.csv", run.classes).subset("val")
         scored_on = scored_on or "the run's validation split"
@@ -197,12 +197,12 @@ def score_test_set(run_dir: str | Path, cfg: Config, scoring: ScoringConfig | No
     without test photos)."""
     run_dir = Path(run_dir)
     if cfg.data.test_data:
-        from .index import index_folder
+        from .data.index import index_folder
 
         table, where = index_folder(cfg.data.test_data, cfg.data.group_by), cfg.data.test_data
     elif cfg.data.test_fraction and (run_dir / "split.csv").is_file():
-        from .checkpoint import read_run_info
-        from .data import load_split
+        from .data.bundle import load_split
+        from .inference.runfolder import read_run_info
 
         table = load_split(run_dir / "split.csv", read_run_info(run_dir)["classes"]).subset("test")
         where = f"the held-out {cfg.data.test_fraction:g} of --data"
@@ -216,8 +216,8 @@ def tune_run(cfg: Config, tcfg: TuneConfig, out: str | Path) -> dict:
     """What `pomona tune --out OUT` does: run (or join, or continue) the study, print and write its results, and
     with test photos (--test-data, --test-fraction) `rescore_best_trial`. Returns best.json ({} before any trial
     finished)."""
-    from .report import build_report
-    from .tune import tune as run_tune
+    from .reporting.report import build_report
+    from .tuning.tune import tune as run_tune
 
     check_test_data(cfg)
     study, best = run_tune(cfg, tcfg, out)
@@ -241,9 +241,9 @@ def rescore_best_trial(out: str | Path) -> dict:
     """`tune --test-data/--test-fraction`: retrain the best trial's settings into OUT/best-retrained and score it
     once on the test photos, which no trial saw; the held-out macro-F1 goes into best.json beside the selected one.
     Returns best.json."""
-    from .atomic import write_json
-    from .study import best_config
-    from .train import train_and_evaluate
+    from .core.atomic import write_json
+    from .training.train import train_and_evaluate
+    from .tuning.study import best_config
 
     out = Path(out)
     cfg, _ = best_config(out)

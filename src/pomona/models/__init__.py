@@ -1,0 +1,1 @@
+"""The network (`model.create_model`, its weights), test-time views (`tta`) and the scores (`metrics`)."""

@@ -1,0 +1,1 @@
+"""Side tools: the balancing ablation (`ablate`), augmentation previews (`preview`) and demo data (`fetch`)."""
