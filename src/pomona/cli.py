@@ -179,31 +179,44 @@ def predict(s: PredictCommand) -> int:
 
 
 def export(s: ExportCommand) -> int:
-    if s.format == "onnx":
-        require("pomona export --format onnx", "onnx", "onnxruntime")
-    from .export import export_run
+    if s.format in ("onnx", "onnx-int8", "auto"):
+        require(f"pomona export --format {s.format}", "onnx", "onnxruntime")
+    from .export import export_auto, export_run
 
     _run_folder(s.run)  # before export_run creates the output folder
 
-    result = export_run(s.run, s.format, s.out, s.opset, s.tolerance, calibration=s.calibration,
-                        parity_data=s.parity_data)
+    options = dict(out=s.out, opset=s.opset, tolerance=s.tolerance, calibration=s.calibration,
+                   parity_data=s.parity_data)
+    results = export_auto(s.run, **options) if s.format == "auto" else [export_run(s.run, s.format, **options)]
     out = Path(s.out) if s.out else Path(s.run)
+    for result in results:
+        print(_export_line(result, out))
+    if s.format == "auto":
+        from .checkpoint import choose_engine
+
+        speeds = ", ".join(f"{r.format} {r.details['img_s']:.0f} img/s" for r in results if "img_s" in r.details)
+        print(f"--engine auto (predict, serve) now uses {choose_engine(out, 'auto')}: the fastest engine whose "
+              f"parity passes ({speeds}; batches of 32 on this machine)")
+    return 0
+
+
+def _export_line(result, out: Path) -> str:
     if result.parity is None:
-        print(f"wrote {out / result.path}: max |{result.format} - PyTorch| logit difference {result.max_abs_diff:.2e} "
-              f"(tolerance {result.tolerance:.0e}; batches {list(result.batch_sizes)}; top class agrees: "
-              f"{result.argmax_agree}); classes and preprocessing in {out / 'export.json'}")
-        return 0
+        return (f"wrote {out / result.path}: max |{result.format} - PyTorch| logit difference "
+                f"{result.max_abs_diff:.2e} (tolerance {result.tolerance:.0e}; batches {list(result.batch_sizes)}; "
+                f"top class agrees: {result.argmax_agree}); classes and preprocessing in {out / 'export.json'}")
     p = result.parity
     if p.get("warning"):
         print(f"warning: {p['warning']}", file=sys.stderr)
     what = f"wrote {out / result.path}" if result.path else f"{result.format} (PyTorch, no file)"
-    print(f"{what}: parity with fp32 on {p['n']} held-out photos ({p['photos']}): top-1 agreement "
-          f"{p['top1_agreement']:.1%}, macro-F1 {p['macro_f1']:.4f} vs {p['macro_f1_fp32']:.4f} "
-          f"(difference {p['macro_f1_diff']:+.4f}), max |probability difference| {p['max_prob_diff']:.4f}; "
-          + ("passes: `--engine auto` uses it" if result.passed else
-             "FAILS the gate (top-1 agreement >= 99%, |macro-F1 difference| <= 0.005): `--engine auto` will not "
-             "use it") + f"; recorded in {out / 'export.json'}")
-    return 0
+    floats = result.details.get("float_layers")
+    return (f"{what}: parity with fp32 on {p['n']} held-out photos ({p['photos']}): top-1 agreement "
+            f"{p['top1_agreement']:.1%}, macro-F1 {p['macro_f1']:.4f} vs {p['macro_f1_fp32']:.4f} "
+            f"(difference {p['macro_f1_diff']:+.4f}), max |probability difference| {p['max_prob_diff']:.4f}"
+            + (f"; left in float by the sensitivity sweep: {', '.join(floats)}" if floats else "") + "; "
+            + ("passes: `--engine auto` may use it" if result.passed else
+               "FAILS the gate (top-1 agreement >= 99%, |macro-F1 difference| <= 0.005): `--engine auto` will not "
+               "use it") + f"; recorded in {out / 'export.json'}")
 
 
 def serve(s: ServeCommand) -> int:

@@ -33,16 +33,18 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write, write_json
-from .checkpoint import (CLASSES_METADATA, EXPORT_FILES, EXPORT_INFO, PARITY_MIN_PHOTOS, PARITY_PHOTOS, RunFolderError,
+from .checkpoint import (CLASSES_METADATA, EXPORT_FILES, EXPORT_INFO, PARITY_MIN_PHOTOS, PARITY_MIN_TOP1_AGREEMENT,
+                         PARITY_PHOTOS, RunFolderError,
                          copy_run_info, find_current_export, load_run, member_paths, parity_passes, read_json_file,
                          read_run_info, read_split, sha256_file, weights_sha256)
 from .engine import OnnxEngine, cpu_supports_bf16, iter_batches, softmax
 from .errors import PomonaError
 from .metrics import macro_f1
-from .onnx_io import export_onnx, quantize_onnx, sensitive_nodes
+from .onnx_io import export_onnx, layer_groups, preprocess_for_quantization, quantize_onnx
 from .preprocessing import Preprocessing
+from .progress import Progress
 
-FORMATS = ("onnx", "onnx-int8", "torch-bf16", "torchscript")
+FORMATS = ("auto", "onnx", "onnx-int8", "torch-bf16", "torchscript")
 LOW_PRECISION = ("onnx-int8", "torch-bf16")
 
 
@@ -102,8 +104,8 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
     """Export the best model of `run_dir` as `fmt`. fp32 formats are verified against PyTorch (batches of 1 and 5;
     ExportError, leaving nothing behind, when the logits differ by more than `tolerance`); low-precision formats
     get their parity with fp32 on held-out photos recorded (see the module's docstring)."""
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}: choose from {', '.join(FORMATS)}")
+    if fmt not in FORMATS or fmt == "auto":
+        raise ExportError(f"unknown export format {fmt!r}: choose from {', '.join(FORMATS[1:])} (or export_auto)")
     run_dir = Path(run_dir)
     out_dir = Path(out) if out else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +132,8 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
                 "pomona.model": json.dumps(info["model"])})
             engine = OnnxEngine(tmp, threads)
             diff, agree = compare_logits(model, lambda x: engine.logits(x.numpy()), batches)
+            checked["img_s"] = images_per_second(engine.logits, create_check_batch(run.preprocessing,
+                                                                                   SPEED_BATCH).numpy())
         else:
             export_torchscript_file(model, batches[0], tmp)
             with warnings.catch_warnings():
@@ -144,11 +148,38 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
     atomic_write(path, write_checked)
     result = ExportResult(fmt, path.name, checked["diff"], tolerance, checked["agree"], batch_sizes,
                           opset if fmt == "onnx" else None, weights_sha256(run_dir, info),
+                          details={"img_s": checked["img_s"]} if "img_s" in checked else {},
                           file_sha256=sha256_file(path))
     write_export_info(out_dir, result, info)
     if out_dir.resolve() != run_dir.resolve():
         copy_run_info(run_dir, out_dir)
     return result
+
+
+SPEED_BATCH = 32
+"""Images per call when an export's speed is measured (img/s in export.json, which `--engine auto` compares)."""
+
+
+def images_per_second(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, calls: int = 3) -> float:
+    """Throughput of `fn` on the batch `x`: the best of `calls` timed calls after one warm-up call (other jobs on
+    the machine only ever slow a call down)."""
+    fn(x)
+    best = float("inf")
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - start)
+    return len(x) / best
+
+
+def export_auto(run_dir: str | Path, out: str | Path | None = None, opset: int = 17, tolerance: float = 1e-3,
+                threads: int | None = None, calibration: int = 64, parity_data: str | Path | None = None,
+                ) -> list[ExportResult]:
+    """`pomona export` with no --format: every CPU engine this machine can run, each timed (img/s in export.json)
+    and the low-precision ones checked for parity with fp32: ONNX fp32, int8 ONNX, and bf16 PyTorch where the
+    CPU computes bf16 natively. `--engine auto` then uses the fastest whose parity passes."""
+    formats = ["onnx", "onnx-int8"] + (["torch-bf16"] if cpu_supports_bf16() else [])
+    return [export_run(run_dir, fmt, out, opset, tolerance, threads, calibration, parity_data) for fmt in formats]
 
 
 def write_export_info(out_dir: Path, result: ExportResult, info: dict) -> Path:
@@ -293,31 +324,114 @@ def export_low_precision(run_dir: Path, fmt: str, out_dir: Path, opset: int, tol
 
         parity, path_name = parity_of(bf16), None
         details["cpu_bf16_native"] = cpu_supports_bf16()
+        details["img_s"] = images_per_second(bf16, create_check_batch(pre, SPEED_BATCH).numpy())
     else:
         fp32_onnx, _ = find_current_export(out_dir, "onnx") if (out_dir / EXPORT_INFO).is_file() else (None, "")
         if fp32_onnx is None:
             export_run(run_dir, "onnx", out_dir, opset, tolerance, threads)
             fp32_onnx = out_dir / EXPORT_FILES["onnx"]
-        calib = calibration_photos(run_dir, calibration)
-        batches = [x for _, x, _ in iter_batches(calib, pre, run.max_pixels, 16) if x is not None]
-        details["calibration_photos"] = int(sum(len(b) for b in batches))
-        found: dict = {}
+        photos = calibration_photos(run_dir, 2 * calibration)
+        calib = [x for _, x, _ in iter_batches(photos[::2], pre, run.max_pixels, 16) if x is not None]
+        probe = training_views(photos[1::2], pre, info, run.max_pixels, views=4)
+        details["calibration_photos"] = int(sum(len(b) for b in calib))
+        details["sweep_views"] = int(sum(len(b) for b in probe))
 
         def quantize(tmp: str) -> None:
-            for exclude in ([], sensitive_nodes(fp32_onnx)):
-                quantize_onnx(fp32_onnx, tmp, batches, exclude)
-                engine = OnnxEngine(tmp, threads)
-                found.update(parity=parity_of(engine.logits), excluded_nodes=exclude)
-                if parity_passes({"parity": found["parity"]})[0]:
-                    return
+            details.update(quantize_with_sweep(fp32_onnx, tmp, calib, probe, threads))
+            engine = OnnxEngine(tmp, threads)
+            details["parity"] = parity_of(engine.logits)
+            details["img_s"] = images_per_second(engine.logits, create_check_batch(pre, SPEED_BATCH).numpy())
 
         atomic_write(out_dir / EXPORT_FILES[fmt], quantize)
-        parity, path_name = found["parity"], EXPORT_FILES[fmt]
-        details["excluded_nodes"] = found["excluded_nodes"]
+        parity, path_name = details.pop("parity"), EXPORT_FILES[fmt]
     details["seconds"] = time.perf_counter() - start
     return ExportResult(fmt, path_name or "", None, None, None, (), opset if fmt == "onnx-int8" else None,
                         weights_sha256(run_dir, info), parity, parity_passes({"parity": parity})[0], details,
                         file_sha256=sha256_file(out_dir / path_name) if path_name else "")
+
+
+SWEEP_TARGET = 1 / 2
+"""The int8 model's error (`logit_error` from fp32) that the sensitivity sweep aims at, as a fraction of the
+error with every layer quantised: the most sensitive layers are left in float until it is reached (or half of
+them are)."""
+
+
+def training_views(paths: Sequence[str], pre: Preprocessing, info: dict, max_pixels: int, views: int = 2,
+                   batch_size: int = 32, seed: int = 0) -> list[np.ndarray]:
+    """`views` augmented views of each photo, as the run's training augmentation makes them (crops, turns, flips),
+    in batches: wider-ranging inputs than the photos themselves, on which int8 errors show (seeded)."""
+    from .augment import augment_spec
+    from .config import Config
+    from .images import BadImageError, load_image
+    from .preprocessing import create_resize, create_train_transform
+
+    spec = augment_spec(Config.from_dict(info.get("config", {})).train)
+    augment, resize = create_train_transform(pre, spec), create_resize(pre)
+    out = []
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for path in paths:
+            try:
+                image = resize(load_image(path, max_pixels, pre.resize_size))
+            except BadImageError:
+                continue
+            out += [augment(image).numpy() for _ in range(views)]
+    return [np.stack(out[i:i + batch_size]) for i in range(0, len(out), batch_size)]
+
+
+def logit_error(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over images of |logits - reference| / the spread of the reference's logits (both L2): unlike
+    probabilities, it does not vanish on the photos a model is sure of."""
+    spread = np.linalg.norm(reference - reference.mean(1, keepdims=True), axis=1)
+    return float(np.mean(np.linalg.norm(logits - reference, axis=1) / np.maximum(spread, 1e-6)))
+
+
+def quantize_with_sweep(fp32_onnx: Path, out: str | Path, calibration: list[np.ndarray], probe: list[np.ndarray],
+                        threads: int | None = None) -> dict:
+    """Quantise `fp32_onnx` to int8 at `out`: every layer when that keeps the top class of at least
+    PARITY_MIN_TOP1_AGREEMENT of the `probe` batches, else with the layers quantisation hurts most left in float,
+    found by a sensitivity sweep. The probe batches are augmented views of training photos other than the
+    `calibration` ones (`training_views`), compared with fp32's own outputs: no label and no held-out photo is
+    used, so the parity on held-out photos that follows is not chosen on. The sweep leaves each layer group
+    (`onnx_io.layer_groups`) in float alone; the one whose float copy brings the outputs closest to fp32
+    (`logit_error`) is kept in float first, and so on, until the top class agrees as above and the error is at
+    most SWEEP_TARGET of the all-int8 error (or half the groups are in float). Returns what it found."""
+    import tempfile
+
+    fp32 = OnnxEngine(fp32_onnx, threads)
+    reference = np.concatenate([fp32.logits(x) for x in probe])
+
+    def measure(exclude: Sequence[str], path: str | Path) -> tuple[float, float]:
+        quantize_onnx(pre, path, calibration, exclude, preprocessed=True)
+        engine = OnnxEngine(path, threads)
+        logits = np.concatenate([engine.logits(x) for x in probe])
+        return logit_error(logits, reference), float((logits.argmax(1) == reference.argmax(1)).mean())
+
+    def good(err: float, agree: float) -> bool:
+        return agree >= PARITY_MIN_TOP1_AGREEMENT and err <= SWEEP_TARGET * full
+
+    with tempfile.TemporaryDirectory(prefix="pomona-sweep-") as tmp:
+        pre = preprocess_for_quantization(fp32_onnx, Path(tmp) / "pre.onnx")
+        full, agree = measure([], out)
+        found = {"views_error_all_int8": full, "views_agreement_all_int8": agree, "float_layers": [],
+                 "excluded_nodes": []}
+        if agree >= PARITY_MIN_TOP1_AGREEMENT:
+            return found
+        trial = Path(tmp) / "trial.onnx"
+        groups = layer_groups(pre)
+        alone = {g: measure(nodes, trial)[0] for g, nodes in Progress(
+            groups.items(), desc="int8 sensitivity sweep", total=len(groups), unit="layer")}
+        kept: list[str] = []
+        err = full
+        for g in sorted(alone, key=alone.get):
+            if good(err, agree) or alone[g] >= full or len(kept) >= len(groups) // 2:
+                break
+            kept.append(g)
+            err, agree = measure([n for k in kept for n in groups[k]], trial)
+        excluded = [n for k in kept for n in groups[k]]
+        err, agree = measure(excluded, out)
+    return {**found, "views_error": err, "views_agreement": agree, "float_layers": kept, "excluded_nodes": excluded,
+            "sweep": {g: round(e, 5) for g, e in alone.items()}}
 
 
 def _onnxruntime_version() -> str:
