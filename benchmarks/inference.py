@@ -9,7 +9,7 @@ which records the parity of the low-precision engines with fp32 on the run's hel
 Rows (left-right flip TTA off everywhere, so every row does the same work per photo), at the run's own size:
   eager PyTorch, default   a fresh process WITHOUT the GLIBC_TUNABLES malloc setting (POMONA_NO_REEXEC=1),
                            model.eval() + torch.inference_mode() on NCHW tensors: what a plain script does
-  PyTorch, tuned           malloc thresholds raised (pomona.core.runtime) + channels_last, as `predict --engine torch`
+  PyTorch, tuned           malloc thresholds raised (pomona.runtime) + channels_last, as `predict --engine torch`
   PyTorch bf16             the same under torch.autocast("cpu", bfloat16) (`--engine torch-bf16`)
   ONNX Runtime, bare       a default InferenceSession on the run's model.onnx (the same graph pomona uses)
   pomona OnnxEngine        pomona's engine on the same preprocessed arrays (fp32 model.onnx; int8 model.int8.onnx)
@@ -51,6 +51,7 @@ sys.path.insert(0, str(SRC))
 from common import print_table  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery-apples"
+FRAMES = Path(__file__).resolve().parents[2] / "shared" / "data" / "fruits360-apples" / "all"
 BATCH = 32
 LOW_PRECISION = ("onnx-int8", "torch-bf16")
 
@@ -93,7 +94,7 @@ def measure_model(fn, x: np.ndarray, single: int) -> dict:
 
 
 def worker(kind: str, run_dir: Path, array: Path, paths_file: Path, single: int) -> dict:
-    x = np.load(array)
+    x = np.load(array) if array.suffix == ".npy" and array.is_file() else None
     if kind in ("torch-default", "torch-tuned", "torch-bf16"):
         import torch
 
@@ -143,6 +144,10 @@ def worker(kind: str, run_dir: Path, array: Path, paths_file: Path, single: int)
 
         engine = OnnxEngine(run_dir / ("model.onnx" if kind == "pomona-engine" else "model.int8.onnx"))
         result = measure_model(lambda b: softmax(engine.logits(b)), x, single)
+    elif kind == "script-eager":
+        result = plain_script(run_dir, paths_file.read_text().split("\n"), array)
+    elif kind == "breakdown":
+        result = breakdown(run_dir, paths_file.read_text().split("\n"))
     elif kind.startswith("predict:"):
         from pomona.inference.loaded import load_run
 
@@ -160,10 +165,181 @@ def worker(kind: str, run_dir: Path, array: Path, paths_file: Path, single: int)
     return result
 
 
+def plain_script(run_dir: Path, paths: list[str], out_csv: Path) -> dict:
+    """What a plain PyTorch script does, files in and labels out: the run's timm model in eager mode (NCHW,
+    `torch.inference_mode`), each photo opened with PIL at full size and put through pomona's preprocessing (resize,
+    centre crop, normalise) one after the other, batches of 32, the labels written as CSV."""
+    import csv
+
+    import torch
+    from PIL import Image
+
+    from pomona.inference.loaded import load_run
+    from pomona.data.preprocessing import create_eval_transform_np
+
+    run = load_run(run_dir, "cpu", engine="torch", tta=False)
+    model, classes = run.model.eval(), run.classes
+    transform = create_eval_transform_np(run.preprocessing)
+    rows = []
+    with torch.inference_mode():
+        for i in range(0, len(paths), BATCH):
+            chunk = paths[i:i + BATCH]
+            x = np.stack([transform(Image.open(p).convert("RGB")) for p in chunk])
+            rows += [(p, classes[j]) for p, j in zip(chunk, model(torch.from_numpy(x)).argmax(-1).tolist())]
+    with open(out_csv, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label"), *rows])
+    return {"threads": torch.get_num_threads()}
+
+
+def breakdown(run_dir: Path, paths: list[str]) -> dict:
+    """Where `pomona predict`'s time goes, one stage at a time on one thread each (seconds per 1,000 photos):
+    decoding (`load_image`: JPEG DCT scaling to the resize target), preprocessing (resize, crop, normalise), the
+    model (the engine `--engine auto` picks, batches of 32 of pre-made tensors), and bare ONNX Runtime on the same
+    file and tensors (a default session: the ceiling of the model stage)."""
+    from pomona.inference.loaded import load_run
+    from pomona.inference.runfolder import EXPORT_FILES
+    from pomona.data.images import load_image
+    from pomona.data.preprocessing import create_eval_transform_np
+
+    run = load_run(run_dir, "cpu", tta=False)
+    pre = run.preprocessing
+    transform = create_eval_transform_np(pre)
+    start = time.perf_counter()
+    images = [load_image(p, run.max_pixels, pre.resize_size) for p in paths]
+    decode = time.perf_counter() - start
+    start = time.perf_counter()
+    arrays = [transform(image) for image in images]
+    preprocess = time.perf_counter() - start
+    batches = [np.stack(arrays[i:i + BATCH]) for i in range(0, len(arrays) - BATCH + 1, BATCH)]
+    model = sum(_time_calls(run.predict_probs, batches, warmup=1))
+    out = {"engine": run.engine_name, "photos": len(paths), "decode_s_per_1000": 1000 * decode / len(paths),
+           "preprocess_s_per_1000": 1000 * preprocess / len(paths),
+           "model_s_per_1000": 1000 * model / (BATCH * len(batches))}
+    if run.engine_name.startswith("onnx"):
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(run_dir / EXPORT_FILES[run.engine_name]),
+                                       providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        bare = sum(_time_calls(lambda b: session.run(None, {name: b}), batches, warmup=1))
+        out["bare_ort_s_per_1000"] = 1000 * bare / (BATCH * len(batches))
+    return out
+
+
+def labelled_frames(folder: Path, n: int) -> list[Path]:
+    """A folder of `n` fruits360 frames of the four varieties the grocery run knows (links, one sub-folder per
+    grocery class, spread evenly over the frames of each), for files-in runs scored by macro-F1."""
+    from quality import FRUITS360_4
+
+    every = sorted((p, FRUITS360_4[p.parent.name]) for name in FRUITS360_4 for p in (FRAMES / name).glob("*.jpg"))
+    picks = every[::max(1, len(every) // n)][:n]
+    made = []
+    for i, (p, label) in enumerate(picks):
+        link = folder / label / f"{i:05d}_{p.name}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(p)
+        made.append(link)
+    return made
+
+
+def whole_process(kind: str, run_dir: Path, folder: Path, photos: list[Path], out_csv: Path) -> dict:
+    """Files in, labels out, one fresh process, timed from its start to its end. `script-eager`: `plain_script`
+    with nothing tuned (no pomona re-exec); `predict:E`: `pomona predict RUN --data FOLDER --engine E --no-tta
+    --out CSV` as a user runs it."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    if kind == "script-eager":
+        env = {k: v for k, v in env.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+        env["POMONA_NO_REEXEC"] = "1"
+        (folder.parent / "paths.txt").write_text("\n".join(str(p) for p in photos))
+        cmd = [sys.executable, __file__, "--worker", kind, "--run", str(run_dir), "--array", str(out_csv),
+               "--paths-file", str(folder.parent / "paths.txt")]
+    else:
+        cmd = [sys.executable, "-m", "pomona", "predict", str(run_dir), "--data", str(folder), "--no-tta",
+               "--engine", kind.split(":", 1)[1], "--device", "cpu", "--batch-size", str(BATCH), "--out", str(out_csv)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
+    return {"seconds": seconds, "img_s": len(photos) / seconds}
+
+
+def score_csv(out_csv: Path) -> tuple[float, dict]:
+    """Macro-F1 of a labels CSV against the class sub-folder of each path, and the labels by path."""
+    import pandas as pd
+
+    from pomona.models.metrics import macro_f1
+
+    table = pd.read_csv(out_csv)
+    truth = [Path(p).parent.name for p in table["path"]]
+    classes = sorted(set(truth) | set(table["label"]))
+    index = {c: i for i, c in enumerate(classes)}
+    return (macro_f1(np.array([index[t] for t in truth]), np.array([index[c] for c in table["label"]])),
+            dict(zip(map(lambda p: Path(p).name, table["path"]), table["label"])))
+
+
+def files_section(run_dir: Path, n: int, repeats: int) -> tuple[list[str], dict]:
+    """The headline: `pomona predict` against a plain eager PyTorch script, files in and labels out, whole
+    processes on the same `n` frames (rows interleaved, best of `repeats`: load from other jobs only slows a run
+    down), with macro-F1 on the frames' varieties; then where the time goes (`breakdown`)."""
+    tmp = Path(tempfile.mkdtemp(prefix="pomona-files-"))
+    photos = labelled_frames(tmp / "photos", n)
+    plan = [("plain script: eager PyTorch fp32, PIL decode loop", "script-eager"),
+            ("pomona predict --engine torch", "predict:torch"),
+            ("pomona predict --engine torch-bf16", "predict:torch-bf16"),
+            ("pomona predict --engine onnx", "predict:onnx"),
+            ("pomona predict --engine onnx-int8", "predict:onnx-int8"),
+            ("pomona predict (no flags: --engine auto)", "predict:auto")]
+    got: dict[str, dict] = {kind: {"img_s": 0.0} for _, kind in plan}
+    for repeat in range(repeats):
+        for label, kind in plan:
+            print(f"whole process ({repeat + 1}/{repeats}): {label} ...", flush=True)
+            r = whole_process(kind, run_dir, tmp / "photos", photos, tmp / f"{kind.replace(':', '-')}.csv")
+            if r["img_s"] > got[kind]["img_s"]:
+                got[kind] = r
+    scores = {kind: score_csv(tmp / f"{kind.replace(':', '-')}.csv") for _, kind in plan}
+    base_f1, base_labels = scores["script-eager"]
+    rows = []
+    for label, kind in plan:
+        f1, labels = scores[kind]
+        rows.append({"row": label, "photos": n, "seconds": got[kind]["seconds"], "img_s": got[kind]["img_s"],
+                     "vs_plain": got[kind]["img_s"] / got["script-eager"]["img_s"], "macro_f1": f1,
+                     "f1_diff": f1 - base_f1,
+                     "agree": float(np.mean([labels[k] == v for k, v in base_labels.items()]))})
+    parts = [f"files in, labels out: whole processes on {n} fruits360 frames (4 varieties), batch 32, no TTA, best "
+             f"of {repeats}", "", print_table(rows, ["row", "photos", "seconds", "img_s", "vs_plain", "macro_f1",
+                                                     "f1_diff", "agree"])]
+    print()
+    paths_file = tmp / "breakdown.txt"
+    paths_file.write_text("\n".join(str(p) for p in photos[:512]))
+    b = run_worker("breakdown", run_dir, tmp / "none.npy", paths_file, 0, tuned=False, reexec=True)
+    stages = [{"stage": "decode (load_image)", "s_per_1000": b["decode_s_per_1000"]},
+              {"stage": "preprocess (resize, crop, normalise)", "s_per_1000": b["preprocess_s_per_1000"]},
+              {"stage": f"model ({b['engine']}, batches of 32)", "s_per_1000": b["model_s_per_1000"]}]
+    if "bare_ort_s_per_1000" in b:
+        stages.append({"stage": "bare ONNX Runtime, same file, same tensors (ceiling)",
+                       "s_per_1000": b["bare_ort_s_per_1000"]})
+    for r in stages:
+        r["img_s"] = 1000 / r["s_per_1000"]
+    whole = 1000 / got["predict:auto"]["img_s"]
+    stages.append({"stage": "pomona predict, whole process (all stages overlapped on 2 threads)",
+                   "s_per_1000": whole, "img_s": 1000 / whole})
+    parts += ["", f"where the time goes ({b['photos']} of the frames; each stage alone, one after the other)", "",
+              print_table(stages, ["stage", "s_per_1000", "img_s"])]
+    print()
+    return parts, {"files": got, "breakdown": b, "scores": {k: v[0] for k, v in scores.items()}}
+
+
 # ------------------------------------------------------------------------------------------- driver side
-def run_worker(kind: str, run_dir: Path, array: Path, paths_file: Path, single: int, tuned: bool) -> dict:
+def run_worker(kind: str, run_dir: Path, array: Path, paths_file: Path, single: int, tuned: bool,
+               reexec: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    env["POMONA_NO_REEXEC"] = "1"
+    if reexec:  # pomona's own malloc setting, as its entry point makes it
+        from pomona.core.runtime import find_tcmalloc, malloc_environment
+
+        env = malloc_environment(env, find_tcmalloc())
+    else:
+        env["POMONA_NO_REEXEC"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
     if tuned:
         from pomona.core.runtime import MALLOC_TUNABLES
@@ -253,38 +429,13 @@ def select_photos(root: Path, n: int) -> list[Path]:
     return every[::step][:n]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default="runs/bench-inference", help="a trained run folder (trained first, "
-                        "frozen backbone on grocery train, when it holds no run; exported to every CPU format)")
-    parser.add_argument("--repeats", type=int, default=3, help="measurements of every row (medians are shown)")
-    parser.add_argument("--images", default=str(DATA), help="folder of photos (searched recursively)")
-    parser.add_argument("--n", type=int, default=128, help="photos for the batch-32 rows (multiple of 32)")
-    parser.add_argument("--single", type=int, default=40, help="photos for the batch-1 rows")
-    parser.add_argument("--clients", type=int, default=4, help="concurrent clients for the serve row")
-    parser.add_argument("--requests", type=int, default=200, help="requests for the serve row")
-    parser.add_argument("--out", help="also write the table (markdown) and raw numbers (JSON) here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--array", help=argparse.SUPPRESS)
-    parser.add_argument("--paths-file", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    run_dir = Path(args.run)
-    if args.worker:
-        print(json.dumps(worker(args.worker, run_dir, Path(args.array), Path(args.paths_file), args.single)))
-        return
-
+def tensors_section(run_dir: Path, args, info: dict) -> tuple[list[str], dict]:
+    """Every engine on pre-made tensors and on files (batch 1 and 32, one process a row), serve, the ratios and
+    the parity of the low-precision exports."""
+    from pomona.inference.runfolder import read_export_info
     from pomona.data.images import load_image
     from pomona.data.preprocessing import Preprocessing, create_eval_transform_np
-    from pomona.inference.loaded import find_current_export
-    from pomona.inference.runfolder import read_export_info
 
-    if not (run_dir / "run.json").is_file():
-        train_run(run_dir, Path(args.images))
-    for fmt in ("onnx", *LOW_PRECISION):
-        if find_current_export(run_dir, fmt)[0] is None:
-            print(f"exporting {run_dir} as {fmt} ...", flush=True)
-            export_in_subprocess(run_dir, fmt)
-    info = json.loads((run_dir / "run.json").read_text())
     pre = Preprocessing.from_dict(info["preprocessing"])
     photos = select_photos(Path(args.images), args.n)
     transform = create_eval_transform_np(pre)
@@ -368,6 +519,49 @@ def main() -> None:
     print()
     parts += ["", print_table(parity_rows, ["engine", "photos", "top1_agreement", "macro_f1_fp32", "macro_f1",
                                             "macro_f1_diff", "max_prob_diff", "passes"])]
+    return parts, raw
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/bench-inference", help="a trained run folder (trained first, "
+                        "frozen backbone on grocery train, when it holds no run; exported to every CPU format)")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements of every row (medians are shown)")
+    parser.add_argument("--images", default=str(DATA), help="folder of photos (searched recursively)")
+    parser.add_argument("--n", type=int, default=128, help="photos for the batch-32 rows (multiple of 32)")
+    parser.add_argument("--single", type=int, default=40, help="photos for the batch-1 rows")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients for the serve row")
+    parser.add_argument("--requests", type=int, default=200, help="requests for the serve row")
+    parser.add_argument("--out", help="also write the table (markdown) and raw numbers (JSON) here")
+    parser.add_argument("--parts", default="files,tensors", help="files (whole processes, files in, labels out: "
+                        "the headline), tensors (every engine on pre-made tensors and on files, in one process each, "
+                        "and serve)")
+    parser.add_argument("--files", type=int, default=2000, help="fruits360 frames for the files part")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--array", help=argparse.SUPPRESS)
+    parser.add_argument("--paths-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    run_dir = Path(args.run)
+    if args.worker:
+        print(json.dumps(worker(args.worker, run_dir, Path(args.array), Path(args.paths_file), args.single)))
+        return
+
+    from pomona.inference.loaded import find_current_export
+
+    if not (run_dir / "run.json").is_file():
+        train_run(run_dir, Path(args.images))
+    for fmt in ("onnx", *LOW_PRECISION):
+        if find_current_export(run_dir, fmt)[0] is None:
+            print(f"exporting {run_dir} as {fmt} ...", flush=True)
+            export_in_subprocess(run_dir, fmt)
+    info = json.loads((run_dir / "run.json").read_text())
+    parts, raw = [], {}
+    if "files" in args.parts.split(","):
+        parts, raw = files_section(run_dir, args.files, args.repeats)
+        print("\n".join(parts))
+    if "tensors" in args.parts.split(","):
+        more, raw["tensors"] = tensors_section(run_dir, args, info)
+        parts += ["", *more]
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

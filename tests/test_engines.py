@@ -133,10 +133,93 @@ def _set_parity(run_dir, fmt: str, **values) -> None:
     path.write_text(json.dumps(info))
 
 
+def _set_speed(run_dir, **img_s) -> None:
+    path = run_dir / "export.json"
+    info = json.loads(path.read_text())
+    for fmt, value in img_s.items():
+        info[fmt.replace("_", "-")]["details"]["img_s"] = value
+    path.write_text(json.dumps(info))
+
+
+def test_every_export_is_timed_and_auto_takes_the_fastest_that_passes(low_precision_run, tmp_path, monkeypatch):
+    info = json.loads((low_precision_run / "export.json").read_text())
+    assert all(info[f]["details"]["img_s"] > 0 for f in ("onnx", "onnx-int8", "torch-bf16"))  # measured
+    copy = shutil.copytree(low_precision_run, tmp_path / "run")
+    monkeypatch.setattr(loading, "cpu_supports_bf16", lambda: True)
+    _set_parity(copy, "onnx-int8", top1_agreement=1.0, macro_f1_diff=0.0)
+    _set_parity(copy, "torch-bf16", top1_agreement=1.0, macro_f1_diff=0.0)
+    _set_speed(copy, onnx=100.0, onnx_int8=150.0, torch_bf16=200.0)
+    assert choose_engine(copy) == "torch-bf16"  # the fastest on this machine, parity passing
+    _set_speed(copy, torch_bf16=90.0)
+    assert choose_engine(copy) == "onnx-int8"
+    _set_parity(copy, "onnx-int8", top1_agreement=0.98)
+    assert choose_engine(copy) == "onnx"  # int8 fails its gate; fp32 ONNX beats bf16 here
+
+
+def test_export_with_no_format_makes_every_cpu_engine(apple_run, parity_photos, tmp_path, capsys):
+    copy = shutil.copytree(apple_run, tmp_path / "run")
+    assert run(["export", str(copy), "--calibration", "8", "--parity-data", str(parity_photos)]) == 0
+    out = capsys.readouterr().out
+    info = json.loads((copy / "export.json").read_text())
+    made = {"onnx", "onnx-int8"} | ({"torch-bf16"} if loading.cpu_supports_bf16() else set())
+    assert made <= set(info) and "--engine auto (predict, serve) now uses" in out
+    assert f"now uses {choose_engine(copy)}:" in out
+
+
+def test_layer_groups_cover_every_node_once_and_each_holds_a_layer(apple_run):
+    import onnx
+
+    from pomona.inference.onnx_io import WEIGHTED_OPS, layer_groups
+
+    groups = layer_groups(apple_run / "model.onnx")
+    nodes = {n.name: n.op_type for n in onnx.load(str(apple_run / "model.onnx")).graph.node}
+    names = [n for members in groups.values() for n in members]
+    assert sorted(names) == sorted(nodes)  # every node, once
+    assert all(any(nodes[n] in WEIGHTED_OPS for n in members) for members in groups.values())
+    assert any(g.endswith("blocks.0") for g in groups) and any("conv_stem" in g for g in groups)
+    assert len(groups) >= 9  # the stem, the 7 stages of Lite0, the head conv / classifier
+
+
+def test_the_sensitivity_sweep_leaves_the_most_sensitive_layers_in_float(low_precision_run, tmp_path,
+                                                                          monkeypatch):
+    import onnx
+
+    import pomona.inference.quantize as quantize
+    from pomona.inference.export import calibration_photos
+    from pomona.inference.engine import iter_batches
+    from pomona.inference.onnx_io import layer_groups
+
+    run_dir = low_precision_run
+    loaded = load_run(run_dir, engine="torch", tta=False)
+    photos = calibration_photos(run_dir, 16)
+    calib = [x for _, x, _ in iter_batches(photos[::2], loaded.preprocessing, loaded.max_pixels, 8)]
+    views = quantize.training_views(photos[1::2], loaded.preprocessing, loaded.info, loaded.max_pixels, views=2)
+    assert sum(map(len, views)) == 16 and views[0].shape[1:] == (3, 128, 128)
+    easy = quantize.quantize_with_sweep(run_dir / "model.onnx", tmp_path / "a.onnx", calib, views)
+    if easy["views_agreement_all_int8"] >= loading.PARITY_MIN_TOP1_AGREEMENT:
+        assert easy["float_layers"] == [] and "sweep" not in easy  # every layer int8: no sweep needed
+    monkeypatch.setattr(quantize, "PARITY_MIN_TOP1_AGREEMENT", 1.01)  # no int8 model can agree enough: sweep
+    found = quantize.quantize_with_sweep(run_dir / "model.onnx", tmp_path / "b.onnx", calib, views)
+    groups = layer_groups(run_dir / "model.onnx")
+    assert set(found["sweep"]) == set(groups) and 1 <= len(found["float_layers"]) <= len(groups) // 2
+    first = min(found["sweep"], key=found["sweep"].get)
+    assert found["float_layers"][0] == first  # the layer whose float copy helps most goes first
+    assert found["views_error"] <= found["views_error_all_int8"]
+
+    def quantised_convs(path):
+        graph = onnx.load(str(path)).graph
+        dequantised = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        return {n.name for n in graph.node if n.op_type == "Conv" and n.input[1] in dequantised}
+
+    float_convs = {n for g in found["float_layers"] for n in groups[g]} & quantised_convs(tmp_path / "a.onnx")
+    assert float_convs and not float_convs & quantised_convs(tmp_path / "b.onnx")  # really left in float
+
+
 def test_auto_uses_a_low_precision_engine_only_when_its_parity_passes(low_precision_run, tmp_path, monkeypatch):
     copy = tmp_path / "run"
     shutil.copytree(low_precision_run, copy)
     monkeypatch.setattr(loading, "cpu_supports_bf16", lambda: True)
+    _set_speed(copy, onnx=100.0, onnx_int8=150.0, torch_bf16=120.0)
     _set_parity(copy, "onnx-int8", top1_agreement=1.0, macro_f1_diff=0.0)
     _set_parity(copy, "torch-bf16", top1_agreement=1.0, macro_f1_diff=0.0)
     assert choose_engine(copy) == "onnx-int8"
@@ -164,6 +247,7 @@ def test_stale_low_precision_exports_are_not_used(low_precision_run, tmp_path, c
     copy = tmp_path / "run"
     shutil.copytree(low_precision_run, copy)
     _set_parity(copy, "onnx-int8", top1_agreement=1.0, macro_f1_diff=0.0)
+    _set_speed(copy, onnx=100.0, onnx_int8=150.0, torch_bf16=120.0)
     assert choose_engine(copy) == "onnx-int8"
     state = load_file(str(copy / "model.safetensors"))
     state["head.1.bias"] = state["head.1.bias"] + 1  # trained further after the exports

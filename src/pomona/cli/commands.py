@@ -180,30 +180,18 @@ def predict(s: PredictCommand) -> int:
 
 
 def export(s: ExportCommand) -> int:
-    if s.format == "onnx":
-        require("pomona export --format onnx", "onnx", "onnxruntime")
-    from ..inference.export import export_run
+    if s.format in ("onnx", "onnx-int8", "auto"):
+        require(f"pomona export --format {s.format}", "onnx", "onnxruntime")
+    from ..inference.export import describe_export, export_auto, export_run
 
     _run_folder(s.run)  # before export_run creates the output folder
-
-    result = export_run(s.run, s.format, s.out, s.opset, s.tolerance, calibration=s.calibration,
-                        parity_data=s.parity_data)
-    out = Path(s.out) if s.out else Path(s.run)
-    if result.parity is None:
-        print(f"wrote {out / result.path}: max |{result.format} - PyTorch| logit difference {result.max_abs_diff:.2e} "
-              f"(tolerance {result.tolerance:.0e}; batches {list(result.batch_sizes)}; top class agrees: "
-              f"{result.argmax_agree}); classes and preprocessing in {out / 'export.json'}")
-        return 0
-    p = result.parity
-    if p.get("warning"):
-        print(f"warning: {p['warning']}", file=sys.stderr)
-    what = f"wrote {out / result.path}" if result.path else f"{result.format} (PyTorch, no file)"
-    print(f"{what}: parity with fp32 on {p['n']} held-out photos ({p['photos']}): top-1 agreement "
-          f"{p['top1_agreement']:.1%}, macro-F1 {p['macro_f1']:.4f} vs {p['macro_f1_fp32']:.4f} "
-          f"(difference {p['macro_f1_diff']:+.4f}), max |probability difference| {p['max_prob_diff']:.4f}; "
-          + ("passes: `--engine auto` uses it" if result.passed else
-             "FAILS the gate (top-1 agreement >= 99%, |macro-F1 difference| <= 0.005): `--engine auto` will not "
-             "use it") + f"; recorded in {out / 'export.json'}")
+    options = dict(out=s.out, opset=s.opset, tolerance=s.tolerance, calibration=s.calibration,
+                   parity_data=s.parity_data)
+    results = export_auto(s.run, **options) if s.format == "auto" else [export_run(s.run, s.format, **options)]
+    for result in results:
+        if (result.parity or {}).get("warning"):
+            print(f"warning: {result.parity['warning']}", file=sys.stderr)
+        print(describe_export(result, Path(s.out or s.run), chosen=s.format == "auto" and result is results[-1]))
     return 0
 
 

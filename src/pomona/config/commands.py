@@ -137,13 +137,17 @@ class ReportCommand:
 
 @dataclass(kw_only=True)
 class ExportCommand:
-    """Export a run's model to ONNX or TorchScript, checked against PyTorch (max |logit difference|)."""
+    """Export a run's model for fast CPU inference (ONNX, int8 ONNX, bf16 PyTorch) or TorchScript, each checked
+    against PyTorch fp32."""
 
     run: str = field(metadata={"positional": True})
     """Run folder."""
-    format: Literal["onnx", "onnx-int8", "torch-bf16", "torchscript"] = "onnx"
-    """onnx (fp32), onnx-int8 (model.int8.onnx: static int8 quantisation calibrated on the run's training photos;
-    writes the fp32 model.onnx first when missing), torch-bf16 (no file: PyTorch with bfloat16 autocast) or
+    format: Literal["auto", "onnx", "onnx-int8", "torch-bf16", "torchscript"] = "auto"
+    """auto: every CPU engine this machine runs (onnx, onnx-int8, and torch-bf16 where the CPU has native bf16),
+    each timed, so that `--engine auto` uses the fastest that passes parity; or one format: onnx (fp32),
+    onnx-int8 (model.int8.onnx: static int8 quantisation calibrated on the run's training photos, the layers it
+    hurts most left in float when needed, found by a sensitivity sweep on augmented training photos; writes the
+    fp32 model.onnx first when missing), torch-bf16 (no file: PyTorch with bfloat16 autocast) or
     torchscript. Low-precision formats record their parity with fp32 on the run's held-out photos in export.json;
     `--engine auto` uses them only when it passes (top-1 agreement >= 99%, |macro-F1 difference| <= 0.005)."""
     out: str | None = None

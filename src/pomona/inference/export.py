@@ -12,9 +12,9 @@ came from, the SHA-256 of the file itself, the classes, the preprocessing and th
   them, with a recorded and printed warning below PARITY_PHOTOS): top-1 agreement with fp32, macro-F1 of both and
   its difference, max |probability difference|, and whether it `passed` the gate of `loaded.parity_passes`.
   A failing export is kept (it can be forced with `--engine`) but `--engine auto` does not use it. onnx-int8 is
-  quantised statically (`onnx_io.quantize_onnx`) with activation ranges calibrated on the run's training photos;
-  when the whole graph fails the gate, it is quantised again with the first convolution and the head left in
-  float.
+  quantised statically with activation ranges calibrated on the run's training photos, the layers it hurts most
+  left in float when needed (`quantize.quantize_with_sweep`). Every export is timed (img/s in export.json), and
+  `--engine auto` uses the fastest that passes (`export_auto`: what `pomona export` does without --format).
 
 When `out` is another folder, `run.json` is copied there too, so that folder alone can be served or used with
 `predict`.
@@ -38,11 +38,12 @@ from ..data.preprocessing import Preprocessing
 from ..models.metrics import macro_f1
 from .engine import OnnxEngine, cpu_supports_bf16, iter_batches, softmax
 from .loaded import PARITY_MIN_PHOTOS, PARITY_PHOTOS, find_current_export, load_run, parity_passes
-from .onnx_io import export_onnx, quantize_onnx, sensitive_nodes
+from .onnx_io import export_onnx
+from .quantize import quantize_with_sweep, training_views
 from .runfolder import (CLASSES_METADATA, EXPORT_FILES, EXPORT_INFO, RunFolderError, copy_run_info, member_paths,
                         read_json_file, read_run_info, read_split, sha256_file, weights_sha256)
 
-FORMATS = ("onnx", "onnx-int8", "torch-bf16", "torchscript")
+FORMATS = ("auto", "onnx", "onnx-int8", "torch-bf16", "torchscript")
 LOW_PRECISION = ("onnx-int8", "torch-bf16")
 
 
@@ -102,8 +103,8 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
     """Export the best model of `run_dir` as `fmt`. fp32 formats are verified against PyTorch (batches of 1 and 5;
     ExportError, leaving nothing behind, when the logits differ by more than `tolerance`); low-precision formats
     get their parity with fp32 on held-out photos recorded (see the module's docstring)."""
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}: choose from {', '.join(FORMATS)}")
+    if fmt not in FORMATS or fmt == "auto":
+        raise ExportError(f"unknown export format {fmt!r}: choose from {', '.join(FORMATS[1:])} (or export_auto)")
     run_dir = Path(run_dir)
     out_dir = Path(out) if out else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +131,8 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
                 "pomona.model": json.dumps(info["model"])})
             engine = OnnxEngine(tmp, threads)
             diff, agree = compare_logits(model, lambda x: engine.logits(x.numpy()), batches)
+            checked["img_s"] = images_per_second(engine.logits, create_check_batch(run.preprocessing,
+                                                                                   SPEED_BATCH).numpy())
         else:
             export_torchscript_file(model, batches[0], tmp)
             with warnings.catch_warnings():
@@ -144,11 +147,65 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
     atomic_write(path, write_checked)
     result = ExportResult(fmt, path.name, checked["diff"], tolerance, checked["agree"], batch_sizes,
                           opset if fmt == "onnx" else None, weights_sha256(run_dir, info),
+                          details={"img_s": checked["img_s"]} if "img_s" in checked else {},
                           file_sha256=sha256_file(path))
     write_export_info(out_dir, result, info)
     if out_dir.resolve() != run_dir.resolve():
         copy_run_info(run_dir, out_dir)
     return result
+
+
+SPEED_BATCH = 32
+"""Images per call when an export's speed is measured (img/s in export.json, which `--engine auto` compares)."""
+
+
+def images_per_second(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, calls: int = 3) -> float:
+    """Throughput of `fn` on the batch `x`: the best of `calls` timed calls after one warm-up call (other jobs on
+    the machine only ever slow a call down)."""
+    fn(x)
+    best = float("inf")
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - start)
+    return len(x) / best
+
+
+def export_auto(run_dir: str | Path, out: str | Path | None = None, opset: int = 17, tolerance: float = 1e-3,
+                threads: int | None = None, calibration: int = 64, parity_data: str | Path | None = None,
+                ) -> list[ExportResult]:
+    """`pomona export` with no --format: every CPU engine this machine can run, each timed (img/s in export.json)
+    and the low-precision ones checked for parity with fp32: ONNX fp32, int8 ONNX, and bf16 PyTorch where the
+    CPU computes bf16 natively. `--engine auto` then uses the fastest whose parity passes."""
+    formats = ["onnx", "onnx-int8"] + (["torch-bf16"] if cpu_supports_bf16() else [])
+    return [export_run(run_dir, fmt, out, opset, tolerance, threads, calibration, parity_data) for fmt in formats]
+
+
+def describe_export(result: ExportResult, out: Path, chosen: bool = False) -> str:
+    """What `pomona export` prints for one format: the check against fp32 and, with `chosen` (after the last format
+    of `export_auto`), which engine `--engine auto` now uses and the speeds it chose by."""
+    if result.parity is None:
+        text = (f"wrote {out / result.path}: max |{result.format} - PyTorch| logit difference "
+                f"{result.max_abs_diff:.2e} (tolerance {result.tolerance:.0e}; batches {list(result.batch_sizes)}; "
+                f"top class agrees: {result.argmax_agree}); classes and preprocessing in {out / EXPORT_INFO}")
+    else:
+        p, floats = result.parity, result.details.get("float_layers")
+        what = f"wrote {out / result.path}" if result.path else f"{result.format} (PyTorch, no file)"
+        text = (f"{what}: parity with fp32 on {p['n']} held-out photos ({p['photos']}): top-1 agreement "
+                f"{p['top1_agreement']:.1%}, macro-F1 {p['macro_f1']:.4f} vs {p['macro_f1_fp32']:.4f} (difference "
+                f"{p['macro_f1_diff']:+.4f}), max |probability difference| {p['max_prob_diff']:.4f}"
+                + (f"; left in float by the sensitivity sweep: {', '.join(floats)}" if floats else "") + "; "
+                + ("passes: `--engine auto` may use it" if result.passed else
+                   "FAILS the gate (top-1 agreement >= 99%, |macro-F1 difference| <= 0.005): `--engine auto` will "
+                   "not use it") + f"; recorded in {out / EXPORT_INFO}")
+    if chosen:
+        from .loaded import choose_engine
+
+        speeds = {f: e.get("details", {}).get("img_s") for f, e in read_json_file(out / EXPORT_INFO).items()}
+        text += (f"\n--engine auto (predict, serve) now uses {choose_engine(out, 'auto')}: the fastest engine whose "
+                 "parity passes (" + ", ".join(f"{f} {v:.0f} img/s" for f, v in speeds.items() if v)
+                 + "; batches of 32 on this machine)")
+    return text
 
 
 def write_export_info(out_dir: Path, result: ExportResult, info: dict) -> Path:
@@ -293,27 +350,26 @@ def export_low_precision(run_dir: Path, fmt: str, out_dir: Path, opset: int, tol
 
         parity, path_name = parity_of(bf16), None
         details["cpu_bf16_native"] = cpu_supports_bf16()
+        details["img_s"] = images_per_second(bf16, create_check_batch(pre, SPEED_BATCH).numpy())
     else:
         fp32_onnx, _ = find_current_export(out_dir, "onnx") if (out_dir / EXPORT_INFO).is_file() else (None, "")
         if fp32_onnx is None:
             export_run(run_dir, "onnx", out_dir, opset, tolerance, threads)
             fp32_onnx = out_dir / EXPORT_FILES["onnx"]
-        calib = calibration_photos(run_dir, calibration)
-        batches = [x for _, x, _ in iter_batches(calib, pre, run.max_pixels, 16) if x is not None]
-        details["calibration_photos"] = int(sum(len(b) for b in batches))
-        found: dict = {}
+        photos = calibration_photos(run_dir, 2 * calibration)
+        calib = [x for _, x, _ in iter_batches(photos[::2], pre, run.max_pixels, 16) if x is not None]
+        probe = training_views(photos[1::2], pre, info, run.max_pixels, views=4)
+        details["calibration_photos"] = int(sum(len(b) for b in calib))
+        details["sweep_views"] = int(sum(len(b) for b in probe))
 
         def quantize(tmp: str) -> None:
-            for exclude in ([], sensitive_nodes(fp32_onnx)):
-                quantize_onnx(fp32_onnx, tmp, batches, exclude)
-                engine = OnnxEngine(tmp, threads)
-                found.update(parity=parity_of(engine.logits), excluded_nodes=exclude)
-                if parity_passes({"parity": found["parity"]})[0]:
-                    return
+            details.update(quantize_with_sweep(fp32_onnx, tmp, calib, probe, threads))
+            engine = OnnxEngine(tmp, threads)
+            details["parity"] = parity_of(engine.logits)
+            details["img_s"] = images_per_second(engine.logits, create_check_batch(pre, SPEED_BATCH).numpy())
 
         atomic_write(out_dir / EXPORT_FILES[fmt], quantize)
-        parity, path_name = found["parity"], EXPORT_FILES[fmt]
-        details["excluded_nodes"] = found["excluded_nodes"]
+        parity, path_name = details.pop("parity"), EXPORT_FILES[fmt]
     details["seconds"] = time.perf_counter() - start
     return ExportResult(fmt, path_name or "", None, None, None, (), opset if fmt == "onnx-int8" else None,
                         weights_sha256(run_dir, info), parity, parity_passes({"parity": parity})[0], details,

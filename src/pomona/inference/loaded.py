@@ -106,15 +106,20 @@ def engine_usable(run_dir: str | Path, engine: str, device: torch.device | None 
 
 
 def choose_engine(run_dir: str | Path, requested: str = "auto", device: torch.device | None = None) -> str:
-    """The engine for `requested`: 'auto' = on the CPU the first usable of AUTO_ENGINES (a low-precision engine
-    only when its recorded parity with fp32 passes), else 'torch'; a named engine as asked (its parity is not
+    """The engine for `requested`: 'auto' = on the CPU the fastest usable engine of AUTO_ENGINES by the img/s each
+    recorded when it was exported (else the first usable in that order; a low-precision engine only when its
+    recorded parity with fp32 passes), else 'torch'; a named engine as asked (its parity is not
     checked: asking for it is the user's call), or EngineError when it cannot be used here."""
     if requested not in ENGINES:
         raise EngineError(f"unknown engine {requested!r}: choose from {', '.join(ENGINES)}")
     if requested == "auto":
         if device is not None and device.type != "cpu":
             return "torch"
-        return next((e for e in AUTO_ENGINES if engine_usable(run_dir, e, device)[0]), "torch")
+        usable = [e for e in AUTO_ENGINES if engine_usable(run_dir, e, device)[0]]
+        speeds = {e: (read_export_info(run_dir).get(e, {}).get("details") or {}).get("img_s") for e in usable}
+        if usable and all(speeds.values()):  # each timed when exported: the fastest
+            return max(usable, key=lambda e: speeds[e])
+        return next(iter(usable), "torch")
     usable, why = engine_usable(run_dir, requested, device, gate=False)
     if not usable:
         raise EngineError(f"--engine {requested}: {why}")

@@ -98,30 +98,44 @@ def onnx_session(path: str | Path, threads: int | None = None, spin: bool = Fals
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def sensitive_nodes(path: str | Path) -> list[str]:
-    """The nodes that quantisation hurts most in an EfficientNet: the first convolution (it sees raw normalised
-    pixels) and the classifier head (the Gemm/MatMul nodes after global pooling). Names, for `quantize_onnx`'s
-    `exclude`."""
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def layer_groups(path: str | Path) -> dict[str, list[str]]:
+    """The nodes of an exported model grouped by the layer of the PyTorch module that made them, in graph order:
+    each block of the backbone (`.../blocks.N`: timm's EfficientNet stages), else the first two parts of the module
+    path (`backbone/conv_stem`, `head/head.0`, ...). A group without a convolution or matrix product (an
+    activation, the pooling) joins the group before it, so that a layer and its activation stay together. The
+    units of the sensitivity sweep of `pomona export` (`quantize_onnx`'s `exclude`)."""
+    import re
+
     import onnx
 
-    graph = onnx.load(str(path)).graph
-    convs = [n.name for n in graph.node if n.op_type == "Conv"]
-    head = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")]
-    return convs[:1] + head
+    groups: dict[str, list] = {}
+    for node in onnx.load(str(path)).graph.node:
+        parts = [p for p in node.name.split("/") if p][:-1]  # the module path, without the operator's own name
+        block = next((i for i, p in enumerate(parts) if re.fullmatch(r"blocks\.\d+", p)), None)
+        key = "/".join(parts[:block + 1] if block is not None else parts[:2])
+        groups.setdefault(key, []).append(node)
+    merged: dict[str, list[str]] = {}
+    for key, nodes in groups.items():
+        if merged and (not key or not any(n.op_type in WEIGHTED_OPS for n in nodes)):
+            key = next(reversed(merged))
+        merged.setdefault(key, []).extend(n.name for n in nodes)
+    return merged
 
 
 def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Iterable, exclude: Sequence[str] = (),
-                  input_name: str = "input", method: str = "minmax") -> Path:
+                  input_name: str = "input", method: str = "minmax", preprocessed: bool = False) -> Path:
     """Static int8 quantisation of an fp32 ONNX model for ONNX Runtime on x86 (VNNI/AMX): QDQ format, uint8
     activations, int8 weights per output channel, activation ranges calibrated on `calibration` (float32 NCHW
     batches, e.g. training photos preprocessed for the model), the nodes named in `exclude` left in float.
-    The model is pre-processed first (shape inference, graph optimisation), as ONNX Runtime recommends."""
+    The model is pre-processed first (shape inference, graph optimisation), as ONNX Runtime recommends, unless
+    `preprocessed` says `fp32_path` is already (`preprocess_for_quantization`: once for many quantisations)."""
     import tempfile
 
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     class Reader(CalibrationDataReader):
         def __init__(self):
             self.batches = iter(calibration)
@@ -133,12 +147,20 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Iter
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     with tempfile.TemporaryDirectory(prefix="pomona-quant-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        pre = Path(fp32_path) if preprocessed else preprocess_for_quantization(fp32_path, Path(tmp) / "pre.onnx")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=methods[method], nodes_to_exclude=list(exclude),
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    return Path(out_path)
+
+
+def preprocess_for_quantization(fp32_path: str | Path, out_path: str | Path) -> Path:
+    """The graph ONNX Runtime recommends quantising: shapes inferred, optimised (`quantize_onnx` does this itself
+    unless told the model is already)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
     return Path(out_path)
