@@ -226,12 +226,15 @@ def breakdown(run_dir: Path, paths: list[str]) -> dict:
     return out
 
 
-def labelled_frames(folder: Path, n: int) -> list[Path]:
+def labelled_frames(folder: Path, n: int, parity_pass: bool = False) -> list[Path]:
     """A folder of `n` fruits360 frames of the four varieties the grocery run knows (links, one sub-folder per
-    grocery class, spread evenly over the frames of each), for files-in runs scored by macro-F1."""
+    grocery class, spread evenly over the frames of each), for files-in runs scored by macro-F1: from the first
+    filming pass (file names without the `r_` prefix), or with `parity_pass` from the second (`r_`), which the
+    exports' parity gate is measured on, so that no frame decides the gate and is also scored."""
     from quality import FRUITS360_4
 
-    every = sorted((p, FRUITS360_4[p.parent.name]) for name in FRUITS360_4 for p in (FRAMES / name).glob("*.jpg"))
+    every = sorted((p, FRUITS360_4[p.parent.name]) for name in FRUITS360_4 for p in (FRAMES / name).glob("*.jpg")
+                   if p.name.startswith("r_") == parity_pass)
     picks = every[::max(1, len(every) // n)][:n]
     made = []
     for i, (p, label) in enumerate(picks):
@@ -309,6 +312,16 @@ def files_section(run_dir: Path, n: int, repeats: int) -> tuple[list[str], dict]
     parts = [f"files in, labels out: whole processes on {n} fruits360 frames (4 varieties), batch 32, no TTA, best "
              f"of {repeats}", "", print_table(rows, ["row", "photos", "seconds", "img_s", "vs_plain", "macro_f1",
                                                      "f1_diff", "agree"])]
+    from pomona.inference.runfolder import read_export_info
+
+    exported = read_export_info(run_dir)
+    gate = [{"engine": fmt, "parity_photos": e["parity"]["n"], "top1_agreement": e["parity"]["top1_agreement"],
+             "macro_f1_diff": e["parity"]["macro_f1_diff"], "float_layers": len(e["details"].get("float_layers", [])),
+             "passes": "yes" if e["passed"] else "no", "img_s_at_export": e["details"].get("img_s", float("nan"))}
+            for fmt, e in exported.items() if e.get("parity")]
+    parts += ["", "the exports' parity gate (export.json; --parity-data: frames of the other filming pass)", "",
+              print_table(gate, ["engine", "parity_photos", "top1_agreement", "macro_f1_diff", "float_layers",
+                                 "passes", "img_s_at_export"])]
     print()
     paths_file = tmp / "breakdown.txt"
     paths_file.write_text("\n".join(str(p) for p in photos[:512]))
@@ -415,9 +428,11 @@ def train_run(run_dir: Path, images: Path) -> None:
                     "--freeze-backbone", "--epochs", "8", "--lr", "3e-3", "--device", "cpu"], env=env, check=True)
 
 
-def export_in_subprocess(run_dir: Path, fmt: str) -> None:
+def export_in_subprocess(run_dir: Path, fmt: str | None = None, parity: Path | None = None) -> None:
+    """`pomona export RUN` (every CPU engine, timed; or `--format fmt`), its parity gate on `parity` if given."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
-    subprocess.run([sys.executable, "-m", "pomona", "export", str(run_dir), "--format", fmt], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "pomona", "export", str(run_dir), *(["--format", fmt] if fmt else []),
+                    *(["--parity-data", str(parity)] if parity else [])], env=env, check=True)
 
 
 def select_photos(root: Path, n: int) -> list[Path]:
@@ -537,6 +552,8 @@ def main() -> None:
                         "the headline), tensors (every engine on pre-made tensors and on files, in one process each, "
                         "and serve)")
     parser.add_argument("--files", type=int, default=2000, help="fruits360 frames for the files part")
+    parser.add_argument("--parity-frames", type=int, default=240, help="export the run again first, its parity gate "
+                        "measured on this many frames of the other filming pass (0: keep the run's exports)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--array", help=argparse.SUPPRESS)
     parser.add_argument("--paths-file", help=argparse.SUPPRESS)
@@ -550,6 +567,12 @@ def main() -> None:
 
     if not (run_dir / "run.json").is_file():
         train_run(run_dir, Path(args.images))
+    if args.parity_frames:  # what a user gets from `pomona export RUN --parity-data FOLDER`, gated on other frames
+        parity = Path(tempfile.mkdtemp(prefix="pomona-parity-")) / "photos"
+        labelled_frames(parity, args.parity_frames, parity_pass=True)
+        print(f"exporting {run_dir} (every CPU engine; parity on {args.parity_frames} frames of the r_ pass) ...",
+              flush=True)
+        export_in_subprocess(run_dir, parity=parity)
     for fmt in ("onnx", *LOW_PRECISION):
         if find_current_export(run_dir, fmt)[0] is None:
             print(f"exporting {run_dir} as {fmt} ...", flush=True)

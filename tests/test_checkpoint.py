@@ -1,6 +1,6 @@
-"""Run folders (`pomona.inference.runfolder`, `pomona.inference.loaded`): ensembles of members with a temperature,
-old run folders, exports of an ensemble; the shared pieces beneath them: test-time views, atomic writes, progress
-lines."""
+"""Run folders (`pomona.inference.runfiles`, `pomona.inference.runfolder`, `pomona.inference.loaded`): every file a
+run writes declared once, ensembles of members with a temperature, old run folders, exports of an ensemble; the
+shared pieces beneath them: test-time views, atomic writes, progress lines."""
 
 import json
 
@@ -13,9 +13,12 @@ from pomona.core.atomic import atomic_write, write_json
 from pomona.core.progress import Progress
 from pomona.data.preprocessing import Preprocessing
 from pomona.inference.loaded import load_run
-from pomona.inference.runfolder import read_run_info, save_run
+from pomona.inference.runfiles import RUN_FILES, RUN_MARKERS, RunFolder
+from pomona.inference.runfolder import clear_run_folder, read_run_info, save_run
 from pomona.models.model import create_model
 from pomona.models.tta import VIEWS, apply_view, average_probs
+
+from conftest import tiny_config
 
 CLASSES = ["a", "b", "c"]
 PRE = Preprocessing(48, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -34,6 +37,37 @@ def _softmax_views(model, x: torch.Tensor, temperature: float = 1.0) -> np.ndarr
     with torch.no_grad():
         views = [model(x), model(torch.flip(x, dims=[3]))]
         return torch.stack([(v / temperature).softmax(-1) for v in views]).mean(0).numpy()
+
+
+def test_every_file_a_run_writes_is_declared_once_and_overwrite_removes_them(grocery_small, grocery_val_small,
+                                                                            tmp_path):
+    """A real tiny run (trained, evaluated, reported, scored on test photos, exported) writes only files that
+    `RunFolder` declares; `RUN_FILES` (what --overwrite removes) is what the declarations mark, and removing them
+    leaves only what is not pomona's."""
+    from pomona.inference.export import export_run
+    from pomona.workflows import train_run
+
+    cfg = tiny_config()
+    cfg.data.data_dir, cfg.data.val_fraction, cfg.data.test_data = str(grocery_small), 0.34, str(grocery_val_small)
+    run_dir = tmp_path / "run"
+    train_run(cfg, run_dir)
+    export_run(run_dir, "onnx")
+    folder, declared = RunFolder(run_dir), RunFolder.files()
+    names = [f.name for f in declared]
+    assert len(set(names)) == len(names)
+    assert folder.split == run_dir / "split.csv" == folder.path / RunFolder.split.name
+    written = {p.name for p in run_dir.iterdir()}
+    assert written <= set(names), f"not declared on RunFolder: {sorted(written - set(names))}"
+    assert {folder.config.name, folder.run_info.name, folder.weights.name, folder.last.name, folder.split.name,
+            folder.history.name, folder.groups.name, folder.eval_dir.name, folder.report.name, folder.test_dir.name,
+            folder.onnx.name, folder.export_info.name} <= written
+    assert RUN_FILES == tuple(f.name for f in declared if f.overwrite) and written <= set(RUN_FILES)
+    assert RUN_MARKERS == ("config.json", "run.json", "last.pt", "split.csv")
+    assert folder.read_run_info()["classes"] == sorted(set(folder.read_split()["label"]))
+    assert folder.fold(1, 2) == run_dir / "folds" / "1-2" and folder.student(3) == run_dir / "student-3"
+    (run_dir / "notes.txt").write_text("mine")
+    clear_run_folder(run_dir)
+    assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
 
 
 def test_an_ensemble_run_averages_members_views_and_temperature(tmp_path):

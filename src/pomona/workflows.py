@@ -78,6 +78,8 @@ def train_run(cfg: Config, run_dir: str | Path, overwrite: bool = False, resume:
         shutdown_distributed(dist)
     if not dist.is_main:
         return None
+    from .inference.runfiles import RunFolder
+
     kept = "best" if cfg.train.keep == "best" else "last"
     print(f"kept the {kept} epoch ({result.kept_epoch + 1}): validation macro-F1 {result.kept_macro_f1:.3f}"
           f"{' (selected on these photos)' if kept == 'best' else ''}; {result.seconds:.0f} s; run folder "
@@ -85,7 +87,7 @@ def train_run(cfg: Config, run_dir: str | Path, overwrite: bool = False, resume:
     if result.bad_images:
         print(f"{len(result.bad_images)} unreadable image(s) skipped, listed in {result.run_dir}/bad_images.json")
     scoring = ScoringConfig(device=cfg.device)
-    evaluate_run(result.run_dir, None, result.run_dir / "eval", scoring)
+    evaluate_run(result.run_dir, None, RunFolder(result.run_dir).eval_dir, scoring)
     score_test_set(result.run_dir, cfg, scoring)
     return result
 
@@ -112,6 +114,7 @@ def _self_train(cfg: Config, run_dir: Path, dist, overwrite: bool):
 def _train_folds(cfg: Config, run_dir: Path, folds: int, repeats: int, overwrite: bool, resume: bool,
                  env: Mapping[str, str]):
     """`train --folds K`: cross-validation, out-of-fold scores and the fold models' ensemble."""
+    from .inference.runfiles import RunFolder
     from .models.metrics import format_metrics
     from .reporting.report import build_report
     from .training.cv import train_folds
@@ -128,9 +131,9 @@ def _train_folds(cfg: Config, run_dir: Path, folds: int, repeats: int, overwrite
         raise UsageError("--test-fraction is for one model; a --folds run's out-of-fold scores are held out already "
                          "(or give --test-data)")
     result = train_folds(cfg, run_dir, folds, repeats)
-    cv = result.cv
+    cv, folder = result.cv, RunFolder(run_dir)
     lo, hi = cv["oof_macro_f1_ci95"]
-    print(format_metrics(json.loads((run_dir / "eval" / "metrics.json").read_text())))
+    print(format_metrics(json.loads((folder.eval_dir / "metrics.json").read_text())))
     print(f"{cv['folds']}-fold cross-validation" + (f" x {cv['repeats']}" if cv["repeats"] > 1 else "") +
           f": out-of-fold macro-F1 {cv['oof_macro_f1']:.3f} (95% CI {lo:.3f}-{hi:.3f}, over {cv['ci_over']}) on "
           f"{cv['n_photos']} photos; temperature {cv['temperature']:.2f} (ECE {cv['ece_before']:.3f} -> "
@@ -141,8 +144,9 @@ def _train_folds(cfg: Config, run_dir: Path, folds: int, repeats: int, overwrite
           f"warning: random folds (--group-by none): {grouping['note']}")
     for w in grouping.get("warnings", []):
         print(f"warning: {w}")
-    print(f"wrote {run_dir}/oof.csv, cv.json, eval/ and {build_report(run_dir, run_dir / 'eval')}; the run is the "
-          f"ensemble of the {len(cv['per_fold'])} fold models")
+    page = build_report(run_dir, folder.eval_dir)
+    print(f"wrote {run_dir}/oof.csv, cv.json, eval/ and {page}; the run is the ensemble of the "
+          f"{len(cv['per_fold'])} fold models")
     score_test_set(run_dir, cfg, ScoringConfig(device=cfg.device))
     return result
 
@@ -157,18 +161,20 @@ def evaluate_run(run_dir: str | Path, table=None, out: str | Path | None = None,
     validation photos, else null). Returns the metrics."""
     from .inference.loaded import load_run
     from .inference.predict import score_table
+    from .inference.runfiles import RunFolder
     from .models.metrics import format_metrics, write_metrics
     from .reporting.report import build_report
 
     run_dir = Path(run_dir)
-    out = Path(out) if out else run_dir / "eval"
+    folder = RunFolder(run_dir)
+    out = Path(out) if out else folder.eval_dir
     s = scoring or ScoringConfig()
     run = load_run(run_dir, s.device, s.engine, s.tta, s.threads, s.batch_size)
     selected_on = None
     if table is None:
         from .data.bundle import load_split
 
-        table = load_split(run_dir / "split.csv", run.classes).subset("val")
+        table = load_split(folder.split, run.classes).subset("val")
         scored_on = scored_on or "the run's validation split"
         selected_on = run.info.get("selected_on")
     metrics, frame = score_table(run, table)
@@ -183,10 +189,10 @@ def evaluate_run(run_dir: str | Path, table=None, out: str | Path | None = None,
     if not report:
         print(f"wrote {out}/metrics.json, confusion_matrix.png and predictions.csv")
         return metrics
-    own = out.resolve() == (run_dir / "eval").resolve()
+    own = out.resolve() == folder.eval_dir.resolve()
     source = s.data_dir or s.csv
     page = build_report(run_dir, out, None if own or not source else f"pomona run {run_dir.name} on {source}",
-                        out=None if own else out / "report.html")
+                        out=None if own else out / RunFolder.report.name)
     print(f"wrote {out}/metrics.json, confusion_matrix.png, predictions.csv and {page}")
     return metrics
 
@@ -195,21 +201,22 @@ def score_test_set(run_dir: str | Path, cfg: Config, scoring: ScoringConfig | No
     """With --test-data or --test-fraction: score the finished run once on photos nothing selected on, into
     RUN/test/ (its report.html stays on the validation or out-of-fold evaluation). Returns the metrics (None
     without test photos)."""
-    run_dir = Path(run_dir)
+    from .inference.runfiles import RunFolder
+
+    folder = RunFolder(run_dir)
     if cfg.data.test_data:
         from .data.index import index_folder
 
         table, where = index_folder(cfg.data.test_data, cfg.data.group_by), cfg.data.test_data
-    elif cfg.data.test_fraction and (run_dir / "split.csv").is_file():
+    elif cfg.data.test_fraction and folder.split.is_file():
         from .data.bundle import load_split
-        from .inference.runfolder import read_run_info
 
-        table = load_split(run_dir / "split.csv", read_run_info(run_dir)["classes"]).subset("test")
+        table = load_split(folder.split, folder.read_run_info()["classes"]).subset("test")
         where = f"the held-out {cfg.data.test_fraction:g} of --data"
     else:
         return None
     print(f"test set ({len(table)} photos from {where}; nothing was selected on them):")
-    return evaluate_run(run_dir, table, run_dir / "test", scoring, scored_on=f"test: {where}", report=False)
+    return evaluate_run(folder.path, table, folder.test_dir, scoring, scored_on=f"test: {where}", report=False)
 
 
 def tune_run(cfg: Config, tcfg: TuneConfig, out: str | Path) -> dict:
@@ -242,6 +249,7 @@ def rescore_best_trial(out: str | Path) -> dict:
     once on the test photos, which no trial saw; the held-out macro-F1 goes into best.json beside the selected one.
     Returns best.json."""
     from .core.atomic import write_json
+    from .inference.runfiles import RunFolder
     from .training.train import train_and_evaluate
     from .tuning.study import best_config
 
@@ -251,7 +259,7 @@ def rescore_best_trial(out: str | Path) -> dict:
     print(f"retraining the best trial's settings into {run_dir} to score them on the test photos")
     train_and_evaluate(cfg, run_dir, overwrite=True)
     score_test_set(run_dir, cfg, ScoringConfig(device=cfg.device))
-    held = json.loads((run_dir / "test" / "metrics.json").read_text())
+    held = json.loads((RunFolder(run_dir).test_dir / "metrics.json").read_text())
     best = json.loads((out / "best.json").read_text())
     best.update(held_out_macro_f1=held["macro_f1"], held_out_macro_f1_ci95=held["macro_f1_ci95"],
                 held_out_n=held["n"], held_out_scored_on=held["scored_on"])

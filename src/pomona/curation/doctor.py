@@ -51,6 +51,7 @@ import pandas as pd
 from ..core.errors import PomonaError
 from ..core.progress import write
 from ..data.groups import DUPLICATE_FACTOR, GROUPING_MODEL, choose_threshold, normalize, split_clumped
+from ..inference.runfiles import RunFolder
 from .doctor_checks import (ISSUE_COLUMNS, KINDS, copy_warnings, duplicate_findings, issue_row, leak_findings,
                             neighbours, outlier_findings, photo_stats, quality_findings)
 from .doctor_page import doctor_page
@@ -129,7 +130,7 @@ def oof_from_run(run_dir: str | Path, paths: list[str], classes: list[str]) -> n
     """The out-of-fold probabilities of a cross-validation run (RUN/oof.csv, averaged over repeats) for `paths`
     and `classes` (renormalised over them); rows of NaN for photos the run did not score."""
     run_dir = Path(run_dir)
-    oof_path = run_dir / "oof.csv"
+    oof_path = RunFolder(run_dir).oof
     if not oof_path.is_file():
         raise PomonaError(f"{run_dir} has no oof.csv: give a cross-validation run (pomona train --folds K), or "
                           "leave out --run for a quick out-of-fold model on frozen features")

@@ -144,9 +144,9 @@ def _run_cut(run_dir: str | Path) -> float | None:
     """The near-duplicate cut of the run's labelled photos (RUN/groups.json, with --group-by auto), if any."""
     import json
 
-    from ..data.groups import GROUPS_INFO
+    from ..inference.runfiles import RunFolder
 
-    path = Path(run_dir) / GROUPS_INFO
+    path = RunFolder(run_dir).groups_info
     try:
         value = json.loads(path.read_text()).get("threshold") if path.is_file() else None
     except (OSError, ValueError, AttributeError):

@@ -25,19 +25,11 @@ from ..core.errors import PomonaError
 from ..core.progress import Progress
 from ..data.images import BadImageError, load_image
 from ..data.preprocessing import Preprocessing, create_eval_transform_np
+from .records import PredictionRecord
 
 
 class EngineError(PomonaError, RuntimeError):
     """The requested inference engine cannot be used for this run (missing or stale export, missing package)."""
-
-
-def verdict(probs: np.ndarray, classes: Sequence[str], min_confidence: float = 0.0) -> str:
-    """The answer for one photo: its most probable class, or 'not sure: X or Y' (the two most probable) when the
-    top probability is below `min_confidence`."""
-    order = np.argsort(-probs)
-    if probs[order[0]] >= min_confidence or len(classes) < 2:
-        return classes[order[0]]
-    return f"not sure: {classes[order[0]]} or {classes[order[1]]}"
 
 
 @dataclass
@@ -53,34 +45,22 @@ class Predictions:
     def labels(self) -> list[str]:
         return ["" if np.isnan(p[0]) else self.classes[int(p.argmax())] for p in self.probs]
 
+    def records(self, min_confidence: float = 0.0) -> list[PredictionRecord]:
+        """One `PredictionRecord` per photo, its verdict at `min_confidence` (an unreadable photo's with its error)."""
+        return [PredictionRecord.of(p, self.classes, min_confidence, path, self.bad.get(path))
+                for path, p in zip(self.paths, self.probs)]
+
     def top_k(self, k: int = 3) -> list[list[tuple[str, float]]]:
-        out = []
-        for p in self.probs:
-            if np.isnan(p[0]):
-                out.append([])
-                continue
-            order = np.argsort(-p)[:k]
-            out.append([(self.classes[i], float(p[i])) for i in order])
-        return out
+        return [list(r.top(k)) for r in self.records()]
 
     def verdicts(self, min_confidence: float = 0.0) -> list[str]:
         """Per photo: the label, or 'not sure: X or Y' below `min_confidence` ('' for an unreadable photo)."""
-        return ["" if np.isnan(p[0]) else verdict(p, self.classes, min_confidence) for p in self.probs]
+        return [r.verdict.text if r.verdict else "" for r in self.records(min_confidence)]
 
     def to_frame(self, k: int = 3, min_confidence: float | None = None) -> pd.DataFrame:
-        """One row per photo: path, label, probability, the next k-1 classes, (with `min_confidence`) whether the
-        model is sure and its verdict, and the error of an unreadable photo."""
-        rows = []
-        verdicts = self.verdicts(min_confidence or 0.0)
-        for path, label, top, said in zip(self.paths, self.labels, self.top_k(k), verdicts):
-            row = {"path": path, "label": label, "probability": top[0][1] if top else float("nan")}
-            if min_confidence is not None:
-                row["sure"], row["verdict"] = bool(top) and not said.startswith("not sure"), said
-            for i, (c, p) in enumerate(top[1:], start=2):
-                row[f"label_{i}"], row[f"probability_{i}"] = c, p
-            row["error"] = self.bad.get(path, "")
-            rows.append(row)
-        return pd.DataFrame(rows)
+        """One row per photo (`PredictionRecord.to_row`): path, label, probability, (with `min_confidence`)
+        whether the model is sure and its verdict, the next k-1 classes, and the error of an unreadable photo."""
+        return pd.DataFrame([r.to_row(k, min_confidence is not None) for r in self.records(min_confidence or 0.0)])
 
 
 @functools.lru_cache(maxsize=1)

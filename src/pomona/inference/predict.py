@@ -54,13 +54,9 @@ def folder_photos(folder: str | Path) -> list[str]:
 
 
 def predictions_json(preds: Predictions, k: int = 3, min_confidence: float = 0.0) -> list[dict]:
-    """One record per photo: path, label, probability, whether the model is sure (top probability at least
-    `min_confidence`) and its verdict, the top-k, and the error of an unreadable one."""
-    return [{"path": path, "label": top[0][0] if top else None, "probability": top[0][1] if top else None,
-             **({"sure": not said.startswith("not sure"), "verdict": said} if top else {}),
-             "top": [{"label": c, "probability": p} for c, p in top], **({"error": preds.bad[path]}
-                                                                        if path in preds.bad else {})}
-            for path, top, said in zip(preds.paths, preds.top_k(k), preds.verdicts(min_confidence))]
+    """One record per photo (`PredictionRecord.to_json`): path, label, probability, whether the model is sure (top
+    probability at least `min_confidence`) and its verdict, the top-k, and the error of an unreadable one."""
+    return [record.to_json(k) for record in preds.records(min_confidence)]
 
 
 def format_predictions(preds: Predictions, fmt: str | None, k: int = 3, min_confidence: float = 0.0) -> str:
@@ -69,10 +65,7 @@ def format_predictions(preds: Predictions, fmt: str | None, k: int = 3, min_conf
         return json.dumps(predictions_json(preds, k, min_confidence), indent=2)
     if fmt == "csv":
         return preds.to_frame(k, min_confidence).to_csv(index=False)
-    return "\n".join(f"{path}: " + (("" if not said.startswith("not sure") else f"[{said}]  ") +
-                                    "  ".join(f"{c} {p:.1%}" for c, p in top) if top else
-                                    f"unreadable: {preds.bad[path]}")
-                     for path, top, said in zip(preds.paths, preds.top_k(k), preds.verdicts(min_confidence)))
+    return "\n".join(record.to_text(k) for record in preds.records(min_confidence))
 
 
 def write_predictions(preds: Predictions, out: str | Path, fmt: str | None = None, k: int = 3,

@@ -55,7 +55,7 @@ def logit_error(logits: np.ndarray, reference: np.ndarray) -> float:
 
 
 def quantize_with_sweep(fp32_onnx: Path, out: str | Path, calibration: list[np.ndarray], probe: list[np.ndarray],
-                        threads: int | None = None) -> dict:
+                        threads: int | None = None, sweep: bool = False) -> dict:
     """Quantise `fp32_onnx` to int8 at `out`: every layer when that keeps the top class of at least
     PARITY_MIN_TOP1_AGREEMENT of the `probe` batches, else with the layers quantisation hurts most left in float,
     found by a sensitivity sweep. The probe batches are augmented views of training photos other than the
@@ -63,7 +63,9 @@ def quantize_with_sweep(fp32_onnx: Path, out: str | Path, calibration: list[np.n
     used, so the parity on held-out photos that follows is not chosen on. The sweep leaves each layer group
     (`onnx_io.layer_groups`) in float alone; the one whose float copy brings the outputs closest to fp32
     (`logit_error`) is kept in float first, and so on, until the top class agrees as above and the error is at
-    most SWEEP_TARGET of the all-int8 error (or half the groups are in float). Returns what it found."""
+    most SWEEP_TARGET of the all-int8 error (or half the groups are in float). `sweep=True` sweeps even when the
+    all-int8 model agrees on the probe (`pomona export` does when it then fails its parity gate). Returns what it
+    found."""
     fp32 = OnnxEngine(fp32_onnx, threads)
     reference = np.concatenate([fp32.logits(x) for x in probe])
 
@@ -81,7 +83,7 @@ def quantize_with_sweep(fp32_onnx: Path, out: str | Path, calibration: list[np.n
         full, agree = measure([], out)
         found = {"views_error_all_int8": full, "views_agreement_all_int8": agree, "float_layers": [],
                  "excluded_nodes": []}
-        if agree >= PARITY_MIN_TOP1_AGREEMENT:
+        if agree >= PARITY_MIN_TOP1_AGREEMENT and not sweep:
             return found
         trial = Path(tmp) / "trial.onnx"
         groups = layer_groups(pre)

@@ -21,10 +21,11 @@ replaced, or whose head has another number of outputs than run.json has classes,
 naming the file and the fix. The training state `last.pt` holds tensors and plain values only and is read with
 `torch.load(weights_only=True)`: a planted pickle payload is refused, never run.
 
-Every file is written atomically (`pomona.core.atomic`). `check_new_run_folder` / `clear_run_folder` guard an existing
-run against being replaced by a new one (`pomona train --out` without `--overwrite`). This module never imports
-training (`pomona.training`, `pomona.tuning`, the data bundle or balancing): serving, export and predict read runs
-through it alone.
+The names of a run folder's files are declared once, on `runfiles.RunFolder` (which also says which of them
+`--overwrite` removes). Every file is written atomically (`pomona.core.atomic`). `check_new_run_folder` /
+`clear_run_folder` guard an existing run against being replaced by a new one (`pomona train --out` without
+`--overwrite`). This module never imports training (`pomona.training`, `pomona.tuning`, the data bundle or
+balancing): serving, export and predict read runs through it alone.
 """
 
 from __future__ import annotations
@@ -46,30 +47,13 @@ from torch import nn
 from ..core.atomic import atomic_write, write_json
 from ..core.errors import PomonaError
 from ..data.preprocessing import Preprocessing
+from .runfiles import (EXPORT_FILES, EXPORT_INFO, ONNX_FILE, ONNX_INT8_FILE, PROBE_WEIGHTS, RUN_FILES,
+                       RUN_FOLDER_PATTERN, RUN_INFO, RUN_MARKERS, SPLIT_FILE, TORCHSCRIPT_FILE, TRAINING_STATE,
+                       WEIGHTS, RunFolder)  # the names of a run's files, declared in `runfiles` (re-exported here)
 
-RUN_INFO = "run.json"
-WEIGHTS = "model.safetensors"
-TRAINING_STATE = "last.pt"
-PROBE_WEIGHTS = "probe.safetensors"
-ONNX_FILE = "model.onnx"
-ONNX_INT8_FILE = "model.int8.onnx"
-TORCHSCRIPT_FILE = "model.torchscript.pt"
-EXPORT_INFO = "export.json"
-SPLIT_FILE = "split.csv"
-EXPORT_FILES = {"onnx": ONNX_FILE, "onnx-int8": ONNX_INT8_FILE, "torchscript": TORCHSCRIPT_FILE, "torch-bf16": None}
-"""What `pomona export --format F` writes into a run folder (torch-bf16: no file, only its parity in export.json)."""
 CLASSES_METADATA = "pomona.classes"
 """Key of the class list in the safetensors metadata of weights files and in the ONNX metadata of exports."""
-RUN_FILES = ("config.json", "split.csv", "bad_images.json", "balance.json", "history.csv", RUN_INFO, WEIGHTS,
-             TRAINING_STATE, ONNX_FILE, ONNX_INT8_FILE, TORCHSCRIPT_FILE, EXPORT_INFO, "report.html", "members", "eval", "folds",
-             "folds.csv", "oof.csv", "cv.json", "probe.safetensors", "test", "val_probs.npy",
-             "teacher", "pseudo_labels.csv", "groups.csv", "groups.json")
-"""What a training run writes (and its evaluation, test score, report and exports): what `--overwrite` removes."""
-RUN_FOLDER_PATTERN = re.compile(r"student-\d+")
-"""... and the folders of a self-trained run's intermediate students (student-1, student-2, ...: one per round)."""
 _KEPT_PARTS: ContextVar[frozenset] = ContextVar("pomona_kept_run_parts", default=frozenset())
-RUN_MARKERS = ("config.json", RUN_INFO, TRAINING_STATE, "split.csv")
-"""Files that make a folder a pomona run folder."""
 
 
 class RunFolderError(PomonaError, ValueError):

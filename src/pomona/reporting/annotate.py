@@ -18,6 +18,7 @@ from ..data.images import BadImageError, load_image
 
 if TYPE_CHECKING:
     from ..inference.engine import Predictions
+    from ..inference.records import Verdict
 
 MAX_SIDE = 1024
 """Annotated photos are shrunk to at most this many pixels on their longer side (the labels stay readable)."""
@@ -29,9 +30,10 @@ def band_height(width: int, height: int) -> int:
     return max(28, min(width, height) // 7)
 
 
-def annotate_image(image: Image.Image, verdict: str, top: Sequence[tuple[str, float]]) -> Image.Image:
-    """A copy of `image` (RGB) with a darkened band along the top: `verdict` on the first line (green when sure,
-    amber when 'not sure: ...'), the top-k varieties with their probabilities on the second."""
+def annotate_image(image: Image.Image, verdict: Verdict, top: Sequence[tuple[str, float]]) -> Image.Image:
+    """A copy of `image` (RGB) with a darkened band along the top: the verdict on the first line (green with the
+    probability when sure, amber 'not sure: X or Y' when not), the top-k varieties with their probabilities on
+    the second."""
     out = image.convert("RGB").copy()
     out.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
     w, h = out.size
@@ -41,8 +43,8 @@ def annotate_image(image: Image.Image, verdict: str, top: Sequence[tuple[str, fl
     out = Image.fromarray(pixels.astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(out)
     pad = max(3, band // 10)
-    unsure = verdict.startswith("not sure")
-    headline = verdict if unsure or not top else f"{verdict} {top[0][1]:.0%}"
+    unsure = not verdict.sure
+    headline = verdict.text if unsure or not top else f"{verdict.text} {top[0][1]:.0%}"
     ranking = "   ".join(f"{c} {p:.0%}" for c, p in top)
     room = w - 4 * pad
     draw.text((pad * 2, pad), headline, fill=UNSURE_COLOUR if unsure else SURE_COLOUR,
@@ -82,15 +84,15 @@ def save_annotated(preds: Predictions, save_dir: str | Path, k: int = 3, min_con
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     written, used = [], set()
-    for path, top, said in zip(preds.paths, preds.top_k(k), preds.verdicts(min_confidence)):
-        if not top:
+    for record in preds.records(min_confidence):
+        if record.verdict is None:
             continue
         try:
-            image = load_image(path, max_pixels, target=MAX_SIDE // 2)
+            image = load_image(record.path, max_pixels, target=MAX_SIDE // 2)
         except BadImageError:
             continue
-        picture = annotate_image(image, said, top)
-        target = save_dir / _target_name(path, used)
+        picture = annotate_image(image, record.verdict, record.top(k))
+        target = save_dir / _target_name(record.path, used)
         options = {"quality": 90} if target.suffix in (".jpg", ".jpeg") else {}
         written.append(atomic_write(target, lambda tmp: picture.save(tmp, format="JPEG" if options else "PNG",
                                                                      **options)))

@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 
 from ..core.atomic import write_text
+from ..inference.records import ranking_of_row
+from ..inference.runfiles import RunFolder
 from ..models.metrics import fmt_score, missing_classes
 
 CSS = """
@@ -167,16 +169,17 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
     """Write `out` (default `run_dir/report.html`) from the files of a run and of an evaluation folder (default
     run_dir/eval)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a pomona run folder (no config.json)")
-    eval_dir = Path(eval_dir) if eval_dir else run_dir / "eval"
+    folder = RunFolder(run_dir)
+    if not folder.config.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a pomona run folder (no {folder.config.name})")
+    eval_dir = Path(eval_dir) if eval_dir else folder.eval_dir
     parts: list[str] = []
 
     def section(key: str, heading: str, body: str) -> None:
         parts.append(f'<section id="{key}"><h2>{html.escape(heading)}</h2>{body}</section>')
 
     metrics = _read_json(eval_dir / "metrics.json")
-    config = _read_json(run_dir / "config.json") or {}
+    config = _read_json(folder.config) or {}
     section("summary", "Summary", _summary(run_dir, config, metrics))
 
     if metrics:
@@ -198,9 +201,7 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
         if "true_label" in preds:
             for r in worst_misclassified(preds).itertuples():
                 uri = thumbnail(r.path)
-                top = [(r.label, r.probability)] + [(getattr(r, f"label_{i}"), getattr(r, f"probability_{i}"))
-                                                   for i in (2, 3) if hasattr(r, f"label_{i}")]
-                tops = "<br>".join(f"{html.escape(str(c))} {float(p):.0%}" for c, p in top if c != "")
+                tops = "<br>".join(f"{html.escape(c)} {p:.0%}" for c, p in ranking_of_row(r._asdict())[:3])
                 img = f'<img alt="{html.escape(Path(r.path).name)}" src="{uri}">' if uri else ""
                 cards.append(f'<div class="card">{img}'
                              f"<div><b>true: {html.escape(r.true_label)}</b><br>{tops}<br>"
@@ -208,8 +209,8 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
         body = f'<div class="gallery">{"".join(cards)}</div>' if cards else "<p>No misclassified images.</p>"
         section("worst", "Worst misclassified images", body)
 
-    if (run_dir / "split.csv").is_file():
-        split = pd.read_csv(run_dir / "split.csv", dtype=str, keep_default_na=False)
+    split = folder.read_split()
+    if split is not None:
         counts = split.groupby(["label", "subset"]).size().unstack(fill_value=0)
         body = (f"<p>{len(split)} images, {split['label'].nunique()} classes, {split['group'].nunique()} groups; "
                 f"train {int((split['subset'] == 'train').sum())}, validation "
@@ -218,13 +219,13 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
                 + html_table([[c, *[int(v) for v in r]] for c, r in counts.iterrows()], ["class", *counts.columns]))
         section("data", "Data", body)
 
-    if (run_dir / "groups.json").is_file():
-        section("groups", "Near-duplicate groups", _groups_section(run_dir))
+    if folder.groups_info.is_file():
+        section("groups", "Near-duplicate groups", _groups_section(folder))
 
-    if (run_dir / "history.csv").is_file():
-        history = pd.read_csv(run_dir / "history.csv")
+    history = folder.read_history()
+    if history is not None:
         best, unfrozen = best_row(history), unfreeze_epoch(history)
-        info = _read_json(run_dir / "run.json") or {}
+        info = _read_json(folder.run_info) or {}
         kept = info.get("kept_epoch", info.get("best_epoch"))  # older runs kept their best epoch
         kept_row = history.index[history["epoch"] == kept][0] if kept in set(history["epoch"]) else best
         selected = info.get("selected_on") or ("keep" not in info and "best_epoch" in info)
@@ -245,8 +246,8 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
             "config.json)</summary>" + (html_table(changed, ["setting", "value", "default"]) if changed else
                                          "<p>Every setting is at its default.</p>") + "</details>")
 
-    bad = _read_json(run_dir / "bad_images.json") or {}
-    if bad or (run_dir / "bad_images.json").is_file():
+    bad = _read_json(folder.bad_images) or {}
+    if bad or folder.bad_images.is_file():
         section("bad-images", "Skipped unreadable images",
                 html_table([[p, why] for p, why in bad.items()], ["file", "reason"]) if bad else "<p>None.</p>")
 
@@ -266,7 +267,7 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{CSS}</style></head>"
             f"<body><header><h1>{html.escape(name)}</h1><p>{html.escape(str(run_dir))}</p></header>"
             f"<main>{''.join(parts)}</main></body></html>")
-    return write_text(Path(out) if out else run_dir / "report.html", page)
+    return write_text(Path(out) if out else folder.report, page)
 
 
 def _flat(values: dict, prefix: str = "") -> dict:
@@ -286,18 +287,18 @@ def config_changes(config: dict) -> tuple[list[list], int]:
     return rows, len(given)
 
 
-def _groups_section(run_dir: Path, examples: int = 3, per_group: int = 6) -> str:
+def _groups_section(folder: RunFolder, examples: int = 3, per_group: int = 6) -> str:
     """How the photos were grouped (groups.json), the group sizes per class, and the largest groups as
     thumbnails (groups.csv)."""
-    info = _read_json(run_dir / "groups.json") or {}
+    info = _read_json(folder.groups_info) or {}
     body = (f"<p>{info.get('n_groups', '?')} groups, by <b>{html.escape(str(info.get('by', '?')))}</b>: "
             f"{html.escape(str(info.get('method') or info.get('note') or ''))}. A group stays on one side of every "
             "split and fold, so a validation or out-of-fold score is a score on photos of sessions the model never "
             "saw.</p>")
     body += "".join(f'<p class="bad">Warning: {html.escape(w)}</p>' for w in info.get("warnings", []))
-    if not (run_dir / "groups.csv").is_file():
+    if not folder.groups.is_file():
         return body
-    table = pd.read_csv(run_dir / "groups.csv", dtype=str, keep_default_na=False)
+    table = pd.read_csv(folder.groups, dtype=str, keep_default_na=False)
     sizes = table.groupby("group").size()
     per_class = table.groupby("label").agg(photos=("path", "size"), groups=("group", "nunique"))
     largest = table.groupby("label")["group"].agg(lambda g: int(g.value_counts().max()))
@@ -320,12 +321,11 @@ def _read_json(path: Path) -> dict | None:
 
 def _summary(run_dir: Path, config: dict, metrics: dict | None) -> str:
     """Model, image size and date of the run, then the evaluation's scores."""
-    from ..inference.runfolder import RUN_INFO, read_run_info
-
-    info = read_run_info(run_dir, check=False) if (run_dir / RUN_INFO).is_file() else {}
+    folder = RunFolder(run_dir)
+    info = folder.read_run_info(check=False) if folder.run_info.is_file() else {}
     model = info.get("model", {}).get("name") or config.get("model", {}).get("name", "?")
     size = info.get("preprocessing", {}).get("input_size") or config.get("model", {}).get("img_size") or "?"
-    stamp = next((p for p in (run_dir / RUN_INFO, run_dir / "config.json") if p.is_file()), None)
+    stamp = next((p for p in (folder.run_info, folder.config) if p.is_file()), None)
     date = time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp.stat().st_mtime)) if stamp else "?"
     members = len(info.get("members", [])) > 1
     facts = [("model", model + (f" (ensemble of {len(info['members'])})" if members else "")),

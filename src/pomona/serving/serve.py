@@ -35,8 +35,9 @@ from ..config import ServeCommand
 from ..core.runtime import release_memory
 from ..data.images import BadImageError, load_image
 from ..data.preprocessing import create_eval_transform_np
-from ..inference.engine import MicroBatcher, verdict
+from ..inference.engine import MicroBatcher
 from ..inference.loaded import load_run
+from ..inference.records import PredictionRecord
 
 
 class ClassifierService:
@@ -81,11 +82,9 @@ class ClassifierService:
                 "uptime_s": round(time.time() - self.started, 1)}
 
     def result(self, probs: np.ndarray, k: int = 3) -> dict:
-        order = np.argsort(-probs)
-        top = [{"label": self.classes[i], "probability": round(float(probs[i]), 6)} for i in order[:k]]
-        said = verdict(probs, self.classes, self.settings.min_confidence)
-        return {"label": top[0]["label"], "probability": top[0]["probability"],
-                "sure": not said.startswith("not sure"), "verdict": said, "top": top,
+        """The JSON answer (`PredictionRecord.to_json`, no path) and every class's probability, to 6 digits."""
+        record = PredictionRecord.of(probs, self.classes, self.settings.min_confidence)
+        return {**record.to_json(k, digits=6),
                 "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)}}
 
     def explain_png(self, image, class_name: str | None = None) -> tuple[bytes, str]:

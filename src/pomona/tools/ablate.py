@@ -28,7 +28,8 @@ from ..data.balance import plan_balance
 from ..data.bundle import DataBundle
 from ..inference.loaded import load_run
 from ..inference.predict import score_table
-from ..inference.runfolder import TRAINING_STATE, load_training_state
+from ..inference.runfiles import RunFolder
+from ..inference.runfolder import load_training_state
 from ..models.metrics import macro_f1
 from ..training.grouping import prepare_run_data
 from ..training.train import train_and_evaluate
@@ -164,15 +165,16 @@ def run_ablation(base: Config, out: str | Path, settings: AblationSettings, bund
         for seed in range(settings.seeds):
             cfg = arm_config(base, arm, settings, seed, out / "balance-cache", step_ratio)
             run_dir = out / f"{arm}-seed{seed}"
+            folder = RunFolder(run_dir)
             start = time.perf_counter()
             result = train_and_evaluate(cfg, run_dir, bundle=bundle, overwrite=True)
             seconds = time.perf_counter() - start
             trained = load_run(run_dir, device=cfg.device, engine="torch")
             # score the last epoch: picking the best epoch on these images would select on the test set
-            trained.model.load_state_dict(load_training_state(run_dir / TRAINING_STATE)["model"])
+            trained.model.load_state_dict(load_training_state(folder.last)["model"])
             _, frame = score_table(trained, val, n_boot=10)
             y_pred = np.array([index.get(c, -1) for c in frame["label"]])
-            n_train = int((pd.read_csv(run_dir / "split.csv")["subset"] == "train").sum())
+            n_train = int((pd.read_csv(folder.split)["subset"] == "train").sum())
             runs.append(ArmRun(arm, seed, y_true, y_pred, seconds, n_train, str(run_dir)))
             print(f"ablation: {arm} seed {seed}: macro-F1 {macro_f1(y_true, y_pred):.3f}, {seconds:.0f} s "
                   f"(kept epoch {result.kept_epoch + 1})", flush=True)

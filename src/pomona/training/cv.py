@@ -39,6 +39,8 @@ from ..data.bundle import DataBundle, Grouper, group_photos, index_data, thin_tr
 from ..data.groups import describe_given_groups, write_groups
 from ..data.index import index_folder
 from ..inference.loaded import load_run
+from ..inference.records import PredictionRecord
+from ..inference.runfiles import RunFolder
 from ..inference.runfolder import save_ensemble
 from ..models.metrics import (apply_temperature, bootstrap_ci, compute_metrics, expected_calibration_error,
                               fit_temperature, macro_f1, write_metrics)
@@ -47,11 +49,6 @@ from .fit import Callback
 from .grouping import auto_grouper
 from .selftrain import index_unlabeled, self_train
 from .train import train_and_evaluate
-
-FOLDS_DIR = "folds"
-OOF_FILE = "oof.csv"
-CV_FILE = "cv.json"
-
 
 @dataclass
 class CVResult:
@@ -146,6 +143,7 @@ def train_folds(cfg: Config, run_dir: str | Path, folds: int = 5, repeats: int =
     """Cross-validate `cfg` into `run_dir` (see the module docstring)."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     table, grouping = labelled_table(cfg, folds, auto_grouper(cfg.device, cfg.data.max_pixels))
     classes = sorted(table["label"].unique())
@@ -153,7 +151,7 @@ def train_folds(cfg: Config, run_dir: str | Path, folds: int = 5, repeats: int =
         raise PomonaError(f"need at least two classes to train, found {classes}")
     unlabeled = index_unlabeled(cfg.data.unlabeled, table["path"]) if cfg.data.unlabeled else None
     fold_cfg = replace(cfg, train=replace(cfg.train, keep="last", patience=0))
-    cfg.save(run_dir / "config.json")
+    cfg.save(folder.config)
     views = views_for(cfg.train.tta)
     y = np.array([classes.index(c) for c in table["label"]])
     assignments, oof_rows, per_fold, members = [], [], [], []
@@ -163,7 +161,7 @@ def train_folds(cfg: Config, run_dir: str | Path, folds: int = 5, repeats: int =
         assignments.append(table.assign(repeat=r, fold=fold))
         view_probs = np.zeros((len(views), len(table), len(classes)))
         for k in range(folds):
-            fold_dir = run_dir / FOLDS_DIR / f"{r}-{k}"
+            fold_dir = folder.fold(r, k)
             bundle = fold_bundle(table, fold, k, classes, cfg.data.train_every_nth)
             write(f"fold {k + 1}/{folds}" + (f" of repeat {r + 1}/{repeats}" if repeats > 1 else "") +
                   f": {len(bundle.subset('train'))} training photos, {len(bundle.subset('val'))} held out")
@@ -212,14 +210,14 @@ def train_folds(cfg: Config, run_dir: str | Path, folds: int = 5, repeats: int =
           "selected_on": None, "ensemble_ece": "measured only on --test-data (RUN/test/metrics.json)",
           "note": "every photo is predicted by the fold model that never saw it; each fold model kept its last "
                   "epoch, so no choice looked at the photos it is scored on"}
-    write_csv(run_dir / "folds.csv", pd.concat(assignments, ignore_index=True))
+    write_csv(folder.folds, pd.concat(assignments, ignore_index=True))
     write_groups(run_dir, table, grouping, cfg.data)
-    write_csv(run_dir / OOF_FILE, oof)
-    write_json(run_dir / CV_FILE, cv)
+    write_csv(folder.oof, oof)
+    write_json(folder.cv, cv)
     save_ensemble(run_dir, members, calib["temperature"], {"folds": folds, "repeats": repeats,
                                                           "oof_macro_f1": score, "keep": "last",
                                                           "selected_on": None})
-    write_oof_evaluation(run_dir / "eval", oof[oof["repeat"] == 0], classes, groups, cv)
+    write_oof_evaluation(folder.eval_dir, oof[oof["repeat"] == 0], classes, groups, cv)
     return CVResult(run_dir, cv, oof)
 
 
@@ -234,12 +232,7 @@ def write_oof_evaluation(out: Path, oof: pd.DataFrame, classes: list[str], group
         f"folds of whole near-duplicate groups ({cv['grouping']['n_groups']} groups, --group-by {by})" if by != "none"
         else "random folds (--group-by none: near-duplicates on both sides, optimistic)"), selected_on=None, temperature=cv["temperature"],
                    ece_before=cv["ece_before"], ece_after=cv["ece_after"], skipped_images={})
-    order = np.argsort(-probs, axis=1)
-    frame = pd.DataFrame({"path": oof["path"].to_numpy(), "label": np.asarray(classes)[order[:, 0]],
-                          "probability": np.take_along_axis(probs, order[:, :1], 1)[:, 0]})
-    for i in range(1, min(3, len(classes))):
-        frame[f"label_{i + 1}"] = np.asarray(classes)[order[:, i]]
-        frame[f"probability_{i + 1}"] = np.take_along_axis(probs, order[:, i:i + 1], 1)[:, 0]
-    frame["error"] = ""
+    frame = pd.DataFrame([PredictionRecord.of(p, classes, path=path).to_row(3, verdict=False)
+                          for path, p in zip(oof["path"], probs)])
     frame["true_label"] = oof["label"].to_numpy()
     write_metrics(metrics, out, frame)

@@ -40,10 +40,11 @@ from ..core.atomic import atomic_write
 from ..core.progress import write
 from ..data.bundle import DataBundle
 from ..data.preprocessing import Preprocessing, resolve_preprocessing
+from ..inference.runfiles import RunFolder
 from ..models.model import AppleNet, create_backbone, create_model, resolve_device
 from ..models.tta import average_probs, views_for
 from .extract import create_extractor, extract_features, resolve_engine
-from .fit import Callback, fit
+from .fit import Callback, FitPlan, fit
 from .loaders import create_train_loader
 from .optim import create_loss
 from .steps import score_probs
@@ -210,12 +211,13 @@ def train_head_on_features(cfg: Config, features: FeatureSet, callbacks: Iterabl
     def save_model(epoch: int, scored: nn.Module, metrics: dict) -> None:
         latest["best"] = latest["probs"]
         if run_dir is not None:
-            atomic_write(run_dir / "val_probs.npy", lambda tmp: _save_npy(tmp, latest["best"]))
+            atomic_write(RunFolder(run_dir).val_probs, lambda tmp: _save_npy(tmp, latest["best"]))
 
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-    result = fit(model, loader, validate, cfg, loss_fn, device, run_dir=run_dir, callbacks=callbacks,
-                 save_model=save_model, channels_last=False, start_time=start_time, quiet=True)
+    plan = FitPlan(run_dir=run_dir, callbacks=callbacks, save_model=save_model, channels_last=False,
+                   start_time=start_time, quiet=True)
+    result = fit(model, loader, validate, cfg, loss_fn, device, plan)
     return FeatureTrainResult(run_dir or Path("."), result.best["epoch"], result.best["val_macro_f1"], result.history,
                               seconds=result.seconds, val_probs=latest.get("best"))
 

@@ -22,9 +22,8 @@ from ..core.progress import write
 from ..data.bundle import DataBundle
 from ..data.images import IMAGE_EXTENSIONS
 from ..inference.loaded import load_run
+from ..inference.runfiles import RunFolder
 from ..inference.runfolder import keeping_run_parts
-
-PSEUDO_LABELS = "pseudo_labels.csv"
 
 
 def index_unlabeled(folder: str | Path, labelled: pd.Series) -> list[str]:
@@ -73,7 +72,8 @@ def self_train(train: Callable[[DataBundle, Path], object], bundle: DataBundle, 
     into `run_dir` itself; returns the last student's training result. The teacher and earlier students are part
     of the run: training the last student into `run_dir` (which clears an earlier run's files there) keeps them."""
     caps = bundle.subset("train")["label"].value_counts().to_dict()
-    teacher_dir, kept = run_dir / "teacher", []
+    folder = RunFolder(run_dir)
+    teacher_dir, kept = folder.teacher, []
     result = train(bundle, teacher_dir)
     made = [teacher_dir]
     for r in range(1, rounds + 1):
@@ -83,10 +83,10 @@ def self_train(train: Callable[[DataBundle, Path], object], bundle: DataBundle, 
         counts = pseudo["label"].value_counts().to_dict()
         write(f"self-training round {r}: {len(pseudo)} of {len(unlabeled)} unlabelled photos kept "
               f"(probability >= {threshold}): {counts}")
-        student_dir = run_dir if r == rounds else run_dir / f"student-{r}"
+        student_dir = run_dir if r == rounds else folder.student(r)
         with keeping_run_parts(*made):
             result = train(add_pseudo_labels(bundle, pseudo), student_dir)
         teacher_dir = student_dir
         made.append(student_dir)
-    write_csv(run_dir / PSEUDO_LABELS, pd.concat(kept, ignore_index=True))
+    write_csv(folder.pseudo_labels, pd.concat(kept, ignore_index=True))
     return result

@@ -43,14 +43,14 @@ from ..data.batch_augment import check_device_support
 from ..data.bundle import DataBundle, load_split
 from ..data.groups import write_groups
 from ..data.preprocessing import Preprocessing, resolve_preprocessing
-from ..inference.runfolder import (PROBE_WEIGHTS, TRAINING_STATE, check_new_run_folder, clear_run_folder,
-                                   load_resumable_state, load_weights, read_json_file, save_run, save_training_state,
-                                   save_weights)
+from ..inference.runfiles import RunFolder
+from ..inference.runfolder import (check_new_run_folder, clear_run_folder, load_weights, save_run,
+                                   save_training_state, save_weights)
 from ..models.model import AppleNet, check_weights, create_model, resolve_device
 from ..models.tta import average_probs, views_for
 from .datasets import DecodedImages, ImageStore
 from .distributed import SINGLE, DistContext
-from .fit import Callback, fit
+from .fit import Callback, FitPlan, fit
 from .grouping import prepare_run_data
 from .loaders import create_device_loaders, create_loaders, create_train_loader, use_device_augment
 from .optim import create_loss
@@ -133,7 +133,7 @@ def prepare_training_data(cfg: Config, bundle: DataBundle, pre: Preprocessing, r
                                max_side, cfg.data.max_aspect)
     bundle = check_images(bundle, images, cfg.data.max_bad_fraction)
     if info is not None and write_info:
-        write_json(run_dir / "balance.json", info)
+        write_json(RunFolder(run_dir).balance, info)
     return bundle, images, info
 
 
@@ -179,8 +179,8 @@ def probe_head(model: AppleNet, bundle: DataBundle, images: DecodedImages, pre: 
                               view=lambda _, v: v)
         return score_probs(probs.cpu().numpy(), val_targets)
 
-    result = fit(probe, loader, validate_probe, probe_cfg, loss_fn, device, channels_last=False, quiet=True,
-                 dist=SINGLE)
+    result = fit(probe, loader, validate_probe, probe_cfg, loss_fn, device,
+                 FitPlan(channels_last=False, quiet=True, dist=SINGLE))
     last = result.history[-1] if result.history else {}
     if dist.is_main and last:
         write(f"probe ({t.probe_epochs} epochs on frozen features): val macro-F1 {last['val_macro_f1']:.3f}")
@@ -207,6 +207,7 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
     ranks) every rank trains on its share of each batch; rank 0 alone writes files and calls `callbacks`.
     """
     run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
     start_time = time.perf_counter()
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dist.enabled:
@@ -217,8 +218,8 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
     check_weights(cfg.model.name, cfg.model.weights)  # offline, a model without packaged weights fails at once
     state = None
     if resume:
-        state = load_resumable_state(run_dir)
-        bundle = load_split(run_dir / "split.csv", state["classes"])
+        state = folder.read_training_state()
+        bundle = load_split(folder.split, state["classes"])
     else:
         check_new_run_folder(run_dir, overwrite)
         if bundle is None:
@@ -239,18 +240,17 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
     bad = dict(images.bad)
     if dist.is_main:  # everything checked: only now is the run folder touched
         if resume:
-            bad_path = run_dir / "bad_images.json"
-            bad = {**(read_json_file(bad_path) if bad_path.is_file() else {}), **bad}
+            bad = {**folder.read_bad_images(), **bad}
         else:
             if overwrite:
                 clear_run_folder(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(run_dir / "config.json")
-            write_csv(run_dir / "split.csv", bundle.table)
+            cfg.save(folder.config)
+            write_csv(folder.split, bundle.table)
             write_groups(run_dir, bundle.table, bundle.grouping, cfg.data)
             if balance_info is not None:
-                write_json(run_dir / "balance.json", balance_info)
-        write_json(run_dir / "bad_images.json", bad)
+                write_json(folder.balance, balance_info)
+        write_json(folder.bad_images, bad)
 
     t = cfg.train
     probed = not cfg.model.freeze_backbone and t.head_init == "probe"
@@ -260,11 +260,11 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
         probe_metrics = probe_head(model, bundle, images, pre, cfg, device, dist)
         extra["probe_val_macro_f1"] = probe_metrics.get("val_macro_f1")
         if dist.is_main:
-            save_weights(run_dir / PROBE_WEIGHTS, model)
+            save_weights(folder.probe, model)
     wise = probed and t.wise_alpha < 1.0
     if wise:
         dist.barrier()  # rank 0 has written the probe's weights
-    probe_state = load_weights(run_dir / PROBE_WEIGHTS) if wise else None
+    probe_state = load_weights(folder.probe) if wise else None
 
     if device_augment:
         train_loader, val_loader = create_device_loaders(bundle, images, pre, cfg, device, dist)
@@ -286,10 +286,10 @@ def train_and_evaluate(cfg: Config, run_dir: str | Path, callbacks: Iterable[Cal
         save_run(run_dir, scored, bundle.classes, pre, model_settings(cfg), cfg.to_dict(), info)
 
     def save_state(training_state: dict) -> None:
-        save_training_state(run_dir / TRAINING_STATE, {**training_state, "classes": bundle.classes})
+        save_training_state(folder.last, {**training_state, "classes": bundle.classes})
 
-    result = fit(model, train_loader, validate_model, cfg, loss_fn, device, run_dir=run_dir, callbacks=callbacks,
-                 save_model=save_model, save_state=save_state, state=state, channels_last=channels_last,
-                 start_time=start_time, dist=dist)
+    plan = FitPlan(run_dir=run_dir, callbacks=callbacks, save_model=save_model, save_state=save_state, state=state,
+                   channels_last=channels_last, start_time=start_time, dist=dist)
+    result = fit(model, train_loader, validate_model, cfg, loss_fn, device, plan)
     return TrainResult(run_dir, result.best["epoch"], result.best["val_macro_f1"], result.history,
                        bad, result.seconds)

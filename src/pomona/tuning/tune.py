@@ -26,6 +26,7 @@ from ..config import Config, SearchParam, TuneConfig, apply_params, load_search_
 from ..core.atomic import write_json
 from ..core.progress import write
 from ..data.bundle import DataBundle
+from ..inference.runfiles import RunFolder
 from ..training.grouping import prepare_run_data
 from .study import STUDY_ATTR, create_storage, default_storage, open_study, run_worker, save_results, study_counts
 
@@ -109,7 +110,7 @@ class Objective:
         fast = self.features is not None
         trial_dir = self.out_dir / "trials" / f"{trial.number:04d}"
         trial_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(trial_dir / "config.json")
+        cfg.save(RunFolder(trial_dir).config)
         run = self.tracker.start_run(f"{self.study_name}-trial-{trial.number:04d}", self.study_name,
                                      {**params, "trial": trial.number, "study": self.study_name, "fast_path": fast,
                                       "pomona": cfg.to_dict()}, tags=["fast-path" if fast else "full"])
@@ -135,9 +136,8 @@ class Objective:
 
     def _finish(self, run, trial, trial_dir: Path, fast: bool, state: str, seconds: float) -> None:
         """Final metrics and the confusion matrix of the trial's best epoch to the tracker; drop big files."""
-        import pandas as pd
-
-        history = pd.read_csv(trial_dir / "history.csv") if (trial_dir / "history.csv").is_file() else None
+        folder = RunFolder(trial_dir)
+        history = folder.read_history()
         if history is not None and len(history):
             best = history.loc[history["val_macro_f1"].idxmax()]
             run.log_summary({"best_val_macro_f1": float(best["val_macro_f1"]), "best_epoch": int(best["epoch"]),
@@ -150,26 +150,23 @@ class Objective:
                 write(f"trial {trial.number}: no confusion matrix ({type(e).__name__}: {e})")
         run.finish(state)
         if not self.keep_weights:
-            from ..inference.runfolder import TRAINING_STATE, WEIGHTS
-
-            for name in (WEIGHTS, TRAINING_STATE):
-                (trial_dir / name).unlink(missing_ok=True)
+            for path in (folder.weights, folder.last):
+                path.unlink(missing_ok=True)
 
     def _confusion_matrix(self, trial_dir: Path, fast: bool) -> Path | None:
         from sklearn.metrics import confusion_matrix
 
         from ..models.metrics import plot_confusion_matrix
 
-        classes = self.bundle.classes
+        classes, folder = self.bundle.classes, RunFolder(trial_dir)
         if fast:
-            if not (trial_dir / "val_probs.npy").is_file():
+            if not folder.val_probs.is_file():
                 return None
-            y_true, y_pred = self.features.val_targets, np.load(trial_dir / "val_probs.npy").argmax(1)
+            y_true, y_pred = self.features.val_targets, np.load(folder.val_probs).argmax(1)
         else:
             from ..inference.loaded import load_run
-            from ..inference.runfolder import RUN_INFO
 
-            if not (trial_dir / RUN_INFO).is_file():
+            if not folder.run_info.is_file():
                 return None
 
             frame = self.bundle.subset("val")
@@ -179,7 +176,7 @@ class Objective:
             y_true = [index[frame["label"][i]] for i in ok]
             y_pred = [index[preds.labels[i]] for i in ok]
         matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
-        return plot_confusion_matrix(matrix, classes, trial_dir / "confusion_matrix.png",
+        return plot_confusion_matrix(matrix, classes, folder.confusion_matrix,
                                      f"{trial_dir.name}: validation confusion matrix")
 
 
@@ -204,7 +201,7 @@ def tune(cfg: Config, tcfg: TuneConfig, out_dir: str | Path) -> tuple[optuna.Stu
         write(f"study {tcfg.study!r} keeps the settings it was created with; ignoring changed {changed}")
     cfg = stored
     write_json(out / "tune.json", {"tune": asdict(tcfg), "config": cfg.to_dict()})
-    cfg.save(out / "config.json")
+    cfg.save(RunFolder(out).config)  # report.html of the study reads it as a run's
 
     bundle = prepare_run_data(cfg)
     features = None
