@@ -343,7 +343,7 @@ def test_a_missing_extra_names_the_pip_command(tmp_path, module, argv, extra):
     proc = subprocess.run([sys.executable, "-c", MISSING, module, *argv], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(SRC), POMONA_NO_REEXEC="1"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip() == (f"pomona {argv[0]}: error: pomona {argv[0]}{' --format onnx' * (module == 'onnx')} "
+    assert proc.stderr.strip() == (f"pomona {argv[0]}: error: pomona {argv[0]} "
                                    f"needs the Python package {module}, which is not installed: "
                                    f"pip install 'pomona[{extra}]'  (from a clone: pip install -e '.[{extra}]')")
     assert not any(tmp_path.iterdir())

@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from ..config import (AblateCommand, BalanceCommand, Config, DoctorCommand, EvaluateCommand, ExplainCommand,
-                      ExportCommand, FetchCommand, InputConfig, PredictCommand, PreviewCommand, ReportCommand,
-                      ServeCommand, SuggestCommand, TrainCommand, TuneCommand, apply_size, merge)
+from ..config import TRACKER_PACKAGES, Config, InputConfig, apply_size, merge
+from ..config.commands import (AblateCommand, BalanceCommand, DoctorCommand, EvaluateCommand, ExplainCommand,
+                               ExportCommand, FetchCommand, PredictCommand, PreviewCommand, ReportCommand,
+                               ServeCommand, SuggestCommand, TrainCommand, TuneCommand)
 from ..core.errors import UsageError, explain_error, require
 from . import args
 from .args import Command, Invocation, Parser, check_number_flags, format_config, parse_line
@@ -91,7 +92,7 @@ def _tune_base(s: TuneCommand) -> Config:
 
 
 def tune(s: TuneCommand) -> int:
-    require("pomona tune", "optuna", *{"wandb": ["wandb"], "mlflow": ["mlflow"]}.get(s.tune.tracker, []))
+    require("pomona tune", "optuna", *TRACKER_PACKAGES.get(s.tune.tracker, ()))
     from ..config import load_search_space
     from ..tuning.tune import format_space
     from ..workflows import tune_run
@@ -181,7 +182,7 @@ def predict(s: PredictCommand) -> int:
 
 def export(s: ExportCommand) -> int:
     if s.format in ("onnx", "onnx-int8", "auto"):
-        require(f"pomona export --format {s.format}", "onnx", "onnxruntime")
+        require("pomona export" + (f" --format {s.format}" if s.format != "auto" else ""), "onnx", "onnxruntime")
     from ..inference.export import describe_export, export_auto, export_run
 
     _run_folder(s.run)  # before export_run creates the output folder

@@ -86,6 +86,10 @@ def load_search_space(path: str | Path | None) -> dict[str, SearchParam]:
     return space
 
 
+TRACKER_PACKAGES: dict[str, tuple[str, ...]] = {"wandb": ("wandb",), "mlflow": ("mlflow",), "none": ()}
+"""The packages each tracker of `TuneConfig.tracker` needs (`pomona tune` says what to install when one is
+missing): a new tracker is its name there and here, and its class in `pomona.tuning.tracking`."""
+
 TUNE_DEFAULTS = {"model": {"freeze_backbone": True}, "train": {"epochs": 4}}
 """`pomona tune` starts from the original system's recipe: a frozen backbone and 4 epochs per trial."""
 
