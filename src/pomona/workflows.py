@@ -107,8 +107,11 @@ def _self_train(cfg: Config, run_dir: Path, dist, overwrite: bool):
     if overwrite:
         clear_run_folder(run_dir)
     # RUN_FOLDER was checked before anything was read; its own teacher/ is the one thing found there now
-    return self_train(lambda b, folder: train_and_evaluate(cfg, folder, bundle=b, overwrite=True), bundle, unlabeled, run_dir,
-                      cfg.train.pseudo_threshold, cfg.train.self_train_rounds, cfg.device)
+    def train_student(b, folder):
+        return train_and_evaluate(cfg, folder, bundle=b, overwrite=True)
+
+    return self_train(train_student, bundle, unlabeled, run_dir, cfg.train.pseudo_threshold,
+                      cfg.train.self_train_rounds, cfg.device)
 
 
 def _train_folds(cfg: Config, run_dir: Path, folds: int, repeats: int, overwrite: bool, resume: bool,

@@ -324,8 +324,9 @@ def _set_flags(obj: Any, values: dict[str, Any], prefix: str) -> None:
 
 def parse(parser: Parser, commands: dict[str, Command], argv: list[str] | None = None) -> Invocation:
     """Parse a command line (with `parser`, the `build_parser` of `commands`) into the settings of its subcommand:
-    defaults (or the command's base config) <- config file <- flags. Help, --version and usage errors exit here (status 0, 0 and 2) while argparse reads the line,
-    before anything heavy is imported; a bad value in a config file is a usage error too."""
+    defaults (or the command's base config) <- config file <- flags. Help, --version and usage errors exit here
+    (status 0, 0 and 2) while argparse reads the line, before anything heavy is imported; a bad value in a config
+    file is a usage error too."""
     ns = parse_line(parser, argv)
     values = vars(ns)
     name = command_name(ns)

@@ -27,6 +27,6 @@ __all__ = ["ARMS", "MODEL_PRESETS", "AblateCommand", "AblationSettings", "Balanc
            "ReportCommand", "ScoringConfig", "ServeCommand", "SuggestCommand", "TrainCommand", "TuneCommand",
            "apply_size", "MAX_ASPECT", "RENAMED", "SECTIONS", "BalanceConfig", "Config", "DataConfig", "Engine",
            "FeatureEngine", "InputConfig", "ModelConfig", "TrainConfig", "View", "apply_params", "merge", "set_field",
-           "TRACKER_PACKAGES", "TUNE_DEFAULTS", "SearchParam", "TuneConfig", "default_search_space", "load_search_space", "BOUNDS",
-           "choices", "field_docs", "has_type", "load_overrides", "np_bool_types", "out_of_range", "range_problems",
-           "type_name"]
+           "TRACKER_PACKAGES", "TUNE_DEFAULTS", "SearchParam", "TuneConfig", "default_search_space",
+           "load_search_space", "BOUNDS", "choices", "field_docs", "has_type", "load_overrides", "np_bool_types", "out_of_range",
+           "range_problems", "type_name"]

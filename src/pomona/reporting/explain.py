@@ -121,8 +121,8 @@ def draw_legend(overlay: Image.Image, caption: str | None) -> Image.Image:
     draw.text((left, top + bar_h + 1), "less", fill="white", font=small)
     draw.text((w - pad, top + bar_h + 1), "more important", fill="white", font=small, anchor="ra")
     if caption:
-        draw.text((pad * 2, h - band / 2), caption, fill="white", font=ImageFont.load_default(size=max(9, band * 2 // 5)),
-                  anchor="lm")
+        font = ImageFont.load_default(size=max(9, band * 2 // 5))
+        draw.text((pad * 2, h - band / 2), caption, fill="white", font=font, anchor="lm")
     return out
 
 

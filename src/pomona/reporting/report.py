@@ -229,8 +229,9 @@ def build_report(run_dir: str | Path, eval_dir: str | Path | None = None, title:
         kept = info.get("kept_epoch", info.get("best_epoch"))  # older runs kept their best epoch
         kept_row = history.index[history["epoch"] == kept][0] if kept in set(history["epoch"]) else best
         selected = info.get("selected_on") or ("keep" not in info and "best_epoch" in info)
+        curves = plot_curves(history, int(history["epoch"][kept_row]))
         section("curves", "Training curves",
-                f'<img class="plot" alt="training curves" src="{plot_curves(history, int(history["epoch"][kept_row]))}">'
+                f'<img class="plot" alt="training curves" src="{curves}">'
                 f"<p>Kept epoch {int(history['epoch'][kept_row]) + 1} of {len(history)}: validation macro-F1 "
                 f"{history['val_macro_f1'][kept_row]:.3f}"
                 + (" (chosen as the highest on these same photos: optimistic)" if selected else

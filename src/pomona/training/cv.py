@@ -228,9 +228,9 @@ def write_oof_evaluation(out: Path, oof: pd.DataFrame, classes: list[str], group
     probs = oof[[f"prob_{c}" for c in classes]].to_numpy()
     metrics = compute_metrics([index[c] for c in oof["label"]], probs.argmax(1), classes, groups=groups)
     by = cv["grouping"]["by"]
-    metrics.update(scored_on="out-of-fold predictions, " + (
-        f"folds of whole near-duplicate groups ({cv['grouping']['n_groups']} groups, --group-by {by})" if by != "none"
-        else "random folds (--group-by none: near-duplicates on both sides, optimistic)"), selected_on=None, temperature=cv["temperature"],
+    folds = (f"folds of whole near-duplicate groups ({cv['grouping']['n_groups']} groups, --group-by {by})"
+             if by != "none" else "random folds (--group-by none: near-duplicates on both sides, optimistic)")
+    metrics.update(scored_on="out-of-fold predictions, " + folds, selected_on=None, temperature=cv["temperature"],
                    ece_before=cv["ece_before"], ece_after=cv["ece_after"], skipped_images={})
     frame = pd.DataFrame([PredictionRecord.of(p, classes, path=path).to_row(3, verdict=False)
                           for path, p in zip(oof["path"], probs)])

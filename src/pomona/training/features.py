@@ -198,8 +198,8 @@ def train_head_on_features(cfg: Config, features: FeatureSet, callbacks: Iterabl
     run_dir = Path(run_dir) if run_dir is not None else None
     model = create_head_model(cfg, len(features.classes)).to(device)
     targets = features.train_targets.tolist()
-    loader = create_train_loader(TensorDataset(torch.from_numpy(features.train), torch.from_numpy(features.train_targets)),
-                                 targets, len(features.classes), cfg.train, cfg.seed)
+    dataset = TensorDataset(torch.from_numpy(features.train), torch.from_numpy(features.train_targets))
+    loader = create_train_loader(dataset, targets, len(features.classes), cfg.train, cfg.seed)
     loss_fn = create_loss(cfg.train, targets, len(features.classes)).to(device)
     views = views_for(cfg.train.tta)
     latest: dict[str, np.ndarray] = {}

@@ -124,8 +124,9 @@ def fit(model: AppleNet, loader: DataLoader, validate_fn: Callable[[nn.Module], 
             compiled = torch.compile(ddp if ddp is not None else model)
         eta = EtaAfterFirstBatches(len(loader), t.epochs - epoch, say) if epoch == first_epoch else None
         metrics = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, device, frozen,
-                                  plan.channels_last, desc=f"epoch {epoch + 1}/{t.epochs}", ema=ema, ddp=ddp, freeze_bn=t.freeze_bn,
-                                  amp=amp, compiled=compiled, on_step=eta, micro_batch=micro_batch_size(t, device))
+                                  plan.channels_last, desc=f"epoch {epoch + 1}/{t.epochs}", ema=ema, ddp=ddp,
+                                  freeze_bn=t.freeze_bn, amp=amp, compiled=compiled, on_step=eta,
+                                  micro_batch=micro_batch_size(t, device))
         if dist.enabled:  # every rank's throughput adds up; the loss is averaged over ranks
             gathered = dist.all_gather((metrics["train_loss"], metrics["train_images_per_s"]))
             metrics["train_loss"] = float(np.mean([g[0] for g in gathered]))

@@ -53,7 +53,8 @@ def create_loaders(bundle: DataBundle, images: DecodedImages, pre: Preprocessing
     """Training and validation loaders of a split; with several processes, each rank validates a disjoint shard."""
     train_frame, val_frame = bundle.subset("train"), bundle.subset("val")
     train_targets = bundle.targets(train_frame)
-    train_set = ImageDataset(train_frame["path"], train_targets, images, create_train_transform(pre, augment_spec(cfg.train)))
+    transform = create_train_transform(pre, augment_spec(cfg.train))
+    train_set = ImageDataset(train_frame["path"], train_targets, images, transform)
     val_set = ImageDataset(val_frame["path"], bundle.targets(val_frame), images, create_eval_transform(pre))
     if dist.enabled:
         from torch.utils.data import Subset
