@@ -84,6 +84,8 @@ OPTIONS: dict[str, tuple[str, dict, list[str]]] = {
     "arena2-mb8": ("glibc mmap 4 GB, trim 16 GB, MALLOC_ARENA_MAX=2; slices of 8",
                    {"GLIBC_TUNABLES": BEFORE, "MALLOC_ARENA_MAX": "2"}, []),
     "cache224": ("defaults + --cache-side 224 (uint8 at the input size, not 2x)", {}, ["--cache-side", "224"]),
+    "mb4": ("defaults + slices of 4", {}, ["--micro-batch", "4"]),
+    "mb4-cache224": ("defaults + slices of 4 + --cache-side 224", {}, ["--micro-batch", "4", "--cache-side", "224"]),
 }
 """name -> (description, environment, extra training flags)."""
 
