@@ -298,23 +298,25 @@ def calibration_photos(run_dir: Path, n: int) -> list[str]:
     return list(train["path"].iloc[picks])
 
 
-def measure_parity(reference: Callable[[np.ndarray], np.ndarray], candidate: Callable[[np.ndarray], np.ndarray],
-                   paths: Sequence[str], labels: np.ndarray, pre: Preprocessing, max_pixels: int,
-                   batch_size: int = 32) -> dict:
-    """Agreement of `candidate` with `reference` (preprocessed batch -> logits), one view, on labelled photos:
-    top-1 agreement, macro-F1 of each on the labels and the difference, max |probability difference|, and a
-    `warning` when fewer than PARITY_PHOTOS could be read (ExportError below PARITY_MIN_PHOTOS)."""
-    ref, new, kept = [], [], []
-    for indices, x, _ in iter_batches(paths, pre, max_pixels, batch_size):
-        if x is None:
-            continue
-        ref.append(softmax(np.asarray(reference(x), dtype=np.float64)))
-        new.append(softmax(np.asarray(candidate(x), dtype=np.float64)))
-        kept += indices
+def held_out_batches(paths: Sequence[str], pre: Preprocessing, max_pixels: int, batch_size: int = 32,
+                     ) -> list[tuple[list[int], np.ndarray]]:
+    """The readable parity photos, decoded and preprocessed once: (indices into `paths`, batch) pairs."""
+    return [(indices, x) for indices, x, _ in iter_batches(paths, pre, max_pixels, batch_size) if x is not None]
+
+
+def measure_parity(reference: list[np.ndarray], candidate: Callable[[np.ndarray], np.ndarray],
+                   batches: list[tuple[list[int], np.ndarray]], labels: np.ndarray, n_paths: int) -> dict:
+    """Agreement of `candidate` (preprocessed batch -> logits) with the `reference` logits of each of the
+    `held_out_batches`, one view, on labelled photos: top-1 agreement, macro-F1 of each on the labels and the
+    difference, max |probability difference|, and a `warning` when fewer than PARITY_PHOTOS could be read
+    (ExportError below PARITY_MIN_PHOTOS; `n_paths` photos were given)."""
+    kept = [i for indices, _ in batches for i in indices]
     if len(kept) < PARITY_MIN_PHOTOS:
-        raise ExportError(f"only {len(kept)} of the {len(paths)} parity photos could be read; parity with fp32 needs "
+        raise ExportError(f"only {len(kept)} of the {n_paths} parity photos could be read; parity with fp32 needs "
                           f"at least {PARITY_MIN_PHOTOS}: give --parity-data FOLDER")
-    ref, new, y = np.concatenate(ref), np.concatenate(new), labels[kept]
+    ref = np.concatenate([softmax(np.asarray(r, dtype=np.float64)) for r in reference])
+    new = np.concatenate([softmax(np.asarray(candidate(x), dtype=np.float64)) for _, x in batches])
+    y = labels[kept]
     f1_ref, f1_new = macro_f1(y, ref.argmax(1)), macro_f1(y, new.argmax(1))
     parity = {"n": len(kept), "top1_agreement": float((ref.argmax(1) == new.argmax(1)).mean()),
               "macro_f1_fp32": f1_ref, "macro_f1": f1_new, "macro_f1_diff": f1_new - f1_ref,
@@ -338,8 +340,11 @@ def export_low_precision(run_dir: Path, fmt: str, out_dir: Path, opset: int, tol
         with torch.inference_mode():
             return model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).float().numpy()
 
+    held = held_out_batches(paths, pre, run.max_pixels)  # decoded once, fp32 run once, whatever is compared
+    reference = [fp32(x) for _, x in held]
+
     def parity_of(candidate: Callable[[np.ndarray], np.ndarray]) -> dict:
-        return {**measure_parity(fp32, candidate, paths, labels, pre, run.max_pixels), "photos": source}
+        return {**measure_parity(reference, candidate, held, labels, len(paths)), "photos": source}
 
     start = time.perf_counter()
     details: dict = {}

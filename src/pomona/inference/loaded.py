@@ -116,7 +116,8 @@ def choose_engine(run_dir: str | Path, requested: str = "auto", device: torch.de
         if device is not None and device.type != "cpu":
             return "torch"
         usable = [e for e in AUTO_ENGINES if engine_usable(run_dir, e, device)[0]]
-        speeds = {e: (read_export_info(run_dir).get(e, {}).get("details") or {}).get("img_s") for e in usable}
+        exported = read_export_info(run_dir) if usable else {}
+        speeds = {e: (exported.get(e, {}).get("details") or {}).get("img_s") for e in usable}
         if usable and all(speeds.values()):  # each timed when exported: the fastest
             return max(usable, key=lambda e: speeds[e])
         return next(iter(usable), "torch")

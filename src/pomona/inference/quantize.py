@@ -5,6 +5,7 @@ photo is used, so the parity on held-out photos that `pomona export` measures ne
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -97,6 +98,7 @@ def quantize_with_sweep(fp32_onnx: Path, out: str | Path, calibration: list[np.n
             kept.append(g)
             err, agree = measure([n for k in kept for n in groups[k]], trial)
         excluded = [n for k in kept for n in groups[k]]
-        err, agree = measure(excluded, out)
+        if kept:  # the last model the loop measured is this one
+            shutil.copyfile(trial, out)
     return {**found, "views_error": err, "views_agreement": agree, "float_layers": kept, "excluded_nodes": excluded,
             "sweep": {g: round(e, 5) for g, e in alone.items()}}
